@@ -1,0 +1,208 @@
+"""The ``lowbit`` command: maps sub-commands and ``section.key=value`` overrides onto the typed config.
+
+    lowbit train --config configs/tiny-cpu.toml train.steps=100      train (prepares data if needed)
+    lowbit train --config ... --resume                                 continue a run exactly
+    lowbit data --config ...                                           prepare the dataset only
+    lowbit eval RUN                                                    loss / ppl / bits per byte
+    lowbit report RUN [RUN ...] --out DIR                              table + plots comparing runs
+    lowbit convert RUN --ptq RECIPE                                    post-training quantization baseline
+    lowbit recipes | lowbit sizes | lowbit config --config ...         listings
+
+Nothing else lives here: every command calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _config(args):
+    from lowbit.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from lowbit.eval.report import markdown_table, run_row
+    from lowbit.train.trainer import Trainer
+
+    cfg = _config(args)
+    summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
+    init, final = summary.get("initial", {}), summary.get("final", {})
+    print("\n## result\n")
+    if init and final and "val_loss" in init:
+        print(f"validation loss {init['val_loss']:.4f} (untrained) → {final['val_loss']:.4f} after "
+              f"{summary['tokens_seen']:,} tokens;  bits/byte {init['val_bpb']:.4f} → {final['val_bpb']:.4f}")
+        if "heldout_bpb" in final:
+            print(f"held-out (out-of-domain) loss {final['heldout_loss']:.4f}, bits/byte {final['heldout_bpb']:.4f}")
+    print()
+    print(markdown_table([run_row(cfg.train.out_dir)]))
+    print(f"run directory: {cfg.train.out_dir}  (loss curve: {Path(cfg.train.out_dir) / 'loss.png'})")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from lowbit.data import TokenShard, prepare_data
+
+    cfg = _config(args)
+    d = prepare_data(cfg.data, cfg.model.vocab_size, progress=True)
+    for split in ("train", "val", "heldout"):
+        try:
+            s = TokenShard(d, split)
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
+        print(f"{split:8s} {s.n_tokens:>12,} tokens  {s.n_bytes:>13,} bytes  ({s.n_bytes / max(1, s.n_tokens):.2f} B/token)")
+    print(f"dataset: {d}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lowbit.data import TokenShard
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.runs import autocast_dtype, load_run, resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg, state = load_run(args.run, device)
+    results = {"run": str(args.run), "step": state["step"], "recipe": cfg.quant.recipe}
+    for split in args.splits.split(","):
+        try:
+            shard = TokenShard(Path(args.data or cfg.data.dir), split)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            print(f"skipping {split}: {e}", file=sys.stderr)
+            continue
+        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, args.batches, device,
+                     autocast_dtype(cfg.train.precision, device))
+        results[split] = r
+        print(f"{split:8s} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  ({r['tokens']:,} tokens)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lowbit.eval.report import report
+
+    print(report(args.runs, args.out))
+    if args.out:
+        print(f"wrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'loss.png'}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    try:
+        from lowbit.quant.recipes import list_recipes
+    except ImportError:
+        print("bf16  no quantization")
+        return 0
+    for r in list_recipes():
+        print(f"{r.name:24s} {r.description}")
+    return 0
+
+
+def cmd_sizes(args) -> int:
+    from lowbit.config import ModelConfig
+    from lowbit.models.llama import SIZES, Llama, param_counts
+
+    import torch
+
+    print(f"{'size':6s} {'layers':>6s} {'dim':>5s} {'heads':>5s} {'ffn':>6s} {'non-emb':>10s} (vocab {args.vocab})")
+    for name in SIZES:
+        c = ModelConfig(size=name, vocab_size=args.vocab)
+        with torch.device("meta"):
+            n = param_counts(Llama(c))["non_embedding"]
+        print(f"{name:6s} {c.n_layers:6d} {c.dim:5d} {c.n_heads:5d} {c.ffn_dim:6d} {n / 1e6:9.1f}M")
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(_config(args).to_json())
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from lowbit.convert import ptq_run
+
+    out = ptq_run(args.run, args.ptq, args.out, batches=args.batches, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit import __version__
+
+    p = argparse.ArgumentParser(prog="lowbit", description="Train language models on 1–8-bit weights.")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", "-c", help="TOML run recipe (configs/*.toml)")
+        sp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+    t = sub.add_parser("train", help="train a model (prepares the data first if needed)")
+    with_config(t)
+    t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir exactly")
+    t.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("data", help="prepare a dataset: tokenizer + token shards")
+    with_config(d)
+    d.set_defaults(fn=cmd_data)
+
+    e = sub.add_parser("eval", help="evaluate a run's newest checkpoint")
+    e.add_argument("run")
+    e.add_argument("--splits", default="val,heldout")
+    e.add_argument("--batches", type=int, default=50)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--data", help="dataset directory (default: the run's data.dir)")
+    e.add_argument("--json", help="also write the results to this JSON file")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="markdown table + plots comparing runs")
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--out", help="directory for report.md and loss.png")
+    r.set_defaults(fn=cmd_report)
+
+    c = sub.add_parser("convert", help="post-training quantization of a trained run (PTQ baseline)")
+    c.add_argument("run")
+    c.add_argument("--ptq", required=True, metavar="RECIPE", help="recipe whose quantizers to apply")
+    c.add_argument("--out", help="output run directory (default: RUN-ptq-RECIPE)")
+    c.add_argument("--batches", type=int, default=50)
+    c.add_argument("--device", default="auto")
+    c.set_defaults(fn=cmd_convert)
+
+    sub.add_parser("recipes", help="list the quantization recipes").set_defaults(fn=cmd_recipes)
+    s = sub.add_parser("sizes", help="list the named model sizes")
+    s.add_argument("--vocab", type=int, default=32000)
+    s.set_defaults(fn=cmd_sizes)
+    cf = sub.add_parser("config", help="print the resolved config")
+    with_config(cf)
+    cf.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lowbit.config import ConfigError
+    from lowbit.train.checkpoint import CheckpointError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+    try:
+        from lowbit.data import DataError
+
+        errors += (DataError,)
+    except ImportError:
+        pass
+    try:
+        return args.fn(args)
+    except errors as e:
+        print(f"lowbit {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The training loop: data → model → loss → optimizer → checkpoint → evaluation.
+
+One ``Trainer`` owns a run directory. It prepares (or reuses) the dataset, builds the model with its recipe,
+trains with AdamW + schedule + clipping + accumulation, evaluates every ``eval_every`` steps, checkpoints every
+``ckpt_every`` steps (atomically, everything needed for an exact resume), and at the end writes the final
+evaluation, a memory breakdown and a loss-curve plot.
+
+Exact resume: the data position, the optimizer state, the step (the schedule is a pure function of it) and
+every RNG are in the checkpoint, so on CPU a resumed run reproduces the uninterrupted loss curve bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.config import ConfigError, RunConfig
+from lowbit.eval.evaluate import evaluate
+from lowbit.models.llama import flops_per_token, param_counts
+from lowbit.runs import autocast_dtype, build_model, resolve_device
+from lowbit.train import checkpoint as ckpt
+from lowbit.train.logger import RunLogger
+from lowbit.train.memory import (
+    MemoryReport,
+    count_saved_activations,
+    grad_bytes,
+    optimizer_bytes,
+    weight_bytes,
+)
+from lowbit.train.optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN/inf. The message names the step and the first offending tensor."""
+
+
+# Fields that may differ between a run and its resumption: they change bookkeeping, never the numbers.
+RESUMABLE_CHANGES = {
+    "train.eval_every", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.progress",
+    "train.tensorboard", "train.compile", "train.device", "data.dir",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(a: RunConfig, b: RunConfig) -> dict[str, tuple[Any, Any]]:
+    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False, overwrite: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.train.out_dir)
+        self.resume_from: Path | None = None
+        self._check_run_dir(resume, overwrite)
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+
+    # ------------------------------------------------------------------ run directory
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        stored_cfg = self.out / "config.json"
+        if resume:
+            latest = ckpt.latest_checkpoint(self.out)
+            if latest is None:
+                raise ckpt.CheckpointError(f"--resume: {self.out} holds no complete checkpoint to resume from")
+            stored = RunConfig.from_dict(json.loads(stored_cfg.read_text()))
+            diff = {k: v for k, v in config_diff(stored, self.cfg).items() if k not in RESUMABLE_CHANGES}
+            if diff:
+                lines = ", ".join(f"{k}: {a!r} → {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+                raise ConfigError(f"--resume: the config differs from the run's own ({lines}); "
+                                  f"an exact resume needs the same config")
+            self.resume_from = latest
+        elif stored_cfg.exists() or (self.out / "ckpt").exists():
+            if not overwrite:
+                raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it, --overwrite "
+                                  f"to start over (deletes it), or choose another train.out_dir")
+            for name in ("ckpt", "tb", "log.jsonl", "eval.json", "config.json", "loss.png", "summary.json"):
+                p = self.out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        from lowbit.data import BatchLoader, TokenShard, prepare_data
+
+        cfg = self.cfg
+        data_dir = prepare_data(cfg.data, cfg.model.vocab_size, progress=cfg.train.progress)
+        self.train_shard = TokenShard(data_dir, "train")
+        self.val_shard = TokenShard(data_dir, "val")
+        try:
+            self.heldout_shard = TokenShard(data_dir, "heldout") if cfg.data.heldout else None
+        except (FileNotFoundError, ValueError, KeyError):
+            self.heldout_shard = None
+        tok_vocab = self.train_shard.manifest["tokenizer"]["vocab_size"]
+        if tok_vocab > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {tok_vocab} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                              f"set model.vocab_size >= {tok_vocab}")
+
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        self.model = build_model(cfg, self.device)
+        self.model.train()
+        self.opt = build_optimizer(self.model, cfg.train, self.device)
+        self.fwd = torch.compile(self.model) if cfg.train.compile else self.model
+        self.loader = BatchLoader(self.train_shard, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.data.seed,
+                                  device=self.device)
+        self.step = 0
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, self.model, self.opt)
+            self.loader.load_state_dict(state["data"])
+            self.step = state["step"]
+            self.tokens_seen = state["tokens_seen"]
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.out / "config.json", cfg.to_json())
+            self.tokens_seen = 0
+        self.logger = RunLogger(self.out, tensorboard=cfg.train.tensorboard, truncate_after=self.step)
+        self.params = param_counts(self.model)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ pieces
+    def _diagnose(self, loss: float) -> str:
+        if not math.isfinite(loss):
+            first = "the loss itself (the forward pass produced it)"
+        else:
+            first = "none found"
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                return f"parameter {name} holds non-finite values"
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"first non-finite gradient: {name}"
+        return first
+
+    def _train_step(self, measure_memory: bool) -> tuple[float, float]:
+        cfg = self.cfg.train
+        set_lr(self.opt, lr_at(self.step, cfg))
+        total = torch.zeros((), device=self.device)
+        act_bytes = 0
+        if measure_memory and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        for _ in range(cfg.grad_accum):
+            x, y = self.loader.next_batch()
+            counter = count_saved_activations(self.model) if measure_memory else contextlib.nullcontext({})
+            with counter as saved, self._autocast():
+                loss = self.fwd(x, y) / cfg.grad_accum
+            act_bytes = max(act_bytes, saved.get("bytes", 0))
+            loss.backward()
+            total += loss.detach()
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        loss_f, gnorm_f = float(total), float(gnorm)  # one sync per step: NaN detection needs it
+        if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
+            raise TrainingDiverged(f"step {self.step + 1}: loss={loss_f}, grad norm={gnorm_f}; "
+                                   f"{self._diagnose(loss_f)}. Lower train.lr or check the data.")
+        if measure_memory:
+            g = grad_bytes(self.model)
+            method = "tensor accounting"
+            if self.device.type == "cuda":
+                # allocator peak of forward+backward above what existed before it (weights, optimizer state):
+                # activations plus the gradients being produced while activations are still alive
+                act_bytes = max(0, torch.cuda.max_memory_allocated(self.device) - base)
+                method = "cuda allocator peak"
+            self.opt.step()  # creates the optimizer state, so it is counted below
+            w, o = weight_bytes(self.model), optimizer_bytes(self.opt)
+            self.memory = MemoryReport(sum(p.numel() for p in self.model.parameters()), w, g, o, act_bytes, method)
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        return loss_f, gnorm_f
+
+    def evaluate_all(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        out = {}
+        splits = [("val", self.val_shard), ("heldout", self.heldout_shard)]
+        for name, shard in splits:
+            if shard is None:
+                continue
+            r = evaluate(self.model, shard, cfg.batch_size, cfg.seq_len, cfg.eval_batches, self.device,
+                         self.amp_dtype)
+            out |= {f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]}
+        return out
+
+    def _diagnostics(self) -> dict[str, float]:
+        try:
+            from lowbit.nn import quant_diagnostics
+        except ImportError:
+            return {}
+        return quant_diagnostics(self.model)
+
+    def save(self) -> Path:
+        extra = {"data": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
+                 "config": self.cfg.to_dict(), "params": self.params}
+        return ckpt.save_checkpoint(self.out, self.step, self.model, self.opt, extra, keep=self.cfg.train.keep_ckpts)
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self, until_step: int | None = None) -> dict[str, Any]:
+        """Train to ``train.steps`` (or stop after ``until_step``, checkpointing there). Returns the summary."""
+        self._setup()
+        cfg = self.cfg.train
+        stop = cfg.steps if until_step is None else min(until_step, cfg.steps)
+        tok_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        fpt = flops_per_token(self.cfg.model, cfg.seq_len)
+        print(f"lowbit: {self.cfg.model.size} model ({self.params['non_embedding'] / 1e6:.2f}M non-embedding + "
+              f"{self.params['embedding'] / 1e6:.2f}M embedding params), recipe {self.cfg.quant.recipe}, "
+              f"{self.device.type}, {cfg.steps} steps × {tok_per_step} tokens → {self.out}", flush=True)
+        if self.step == 0:
+            ev = self.evaluate_all()
+            self.initial_eval = ev
+            self.logger.log({"step": 0, "tokens": 0} | ev, kind="eval")
+            print("  untrained: " + _fmt(ev), flush=True)
+        self.memory = None
+        bar = _progress(cfg.progress, self.step, stop)
+        t_last, tok_last = time.perf_counter(), self.tokens_seen
+        t_start = time.perf_counter()
+        start_step = self.step
+        try:
+            while self.step < stop:
+                loss, gnorm = self._train_step(measure_memory=self.memory is None)
+                now = time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_step / max(now - t_last, 1e-9):.0f}")
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == stop):
+                    dt = now - t_last
+                    tps = (self.tokens_seen - tok_last) / max(dt, 1e-9)
+                    rec = {"step": self.step, "tokens": self.tokens_seen, "loss": loss, "grad_norm": gnorm,
+                           "lr": self.opt.param_groups[0]["lr"], "tok_per_s": tps,
+                           "flops_per_s": tps * fpt}
+                    self.logger.log(rec, kind="train")
+                    t_last, tok_last = now, self.tokens_seen
+                last = self.step == cfg.steps
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    ev = self.evaluate_all() | self._diagnostics()
+                    self.logger.log({"step": self.step, "tokens": self.tokens_seen} | ev, kind="eval")
+                    if bar is not None:
+                        bar.write(f"  step {self.step}: " + _fmt(ev))
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last or self.step == stop:
+                    self.save()
+        except KeyboardInterrupt:
+            if self.step > 0:
+                path = self.save()
+                print(f"\ninterrupted: saved {path}; continue with --resume", flush=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            self.logger.flush()
+        elapsed = time.perf_counter() - t_start
+        summary = self._finish(elapsed, (self.step - start_step) * tok_per_step)
+        self.logger.close()
+        return summary
+
+    def _finish(self, elapsed: float, tokens: int) -> dict[str, Any]:
+        from lowbit.eval.report import plot_runs
+
+        summary: dict[str, Any] = {"step": self.step, "steps": self.cfg.train.steps, "tokens_seen": self.tokens_seen,
+                                   "recipe": self.cfg.quant.recipe, "size": self.cfg.model.size,
+                                   "params": self.params, "device": self.device.type,
+                                   "tok_per_s": tokens / max(elapsed, 1e-9), "train_seconds": elapsed}
+        evals = self.logger.read("eval")
+        if evals:
+            summary["final"] = {k: v for k, v in evals[-1].items() if k not in ("kind",)}
+            summary["initial"] = {k: v for k, v in evals[0].items() if k not in ("kind",)}
+        if self.memory is not None:
+            summary["memory"] = self.memory.to_dict()
+            print(self.memory.format(), flush=True)
+        ckpt.atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        try:
+            plot_runs([self.out], self.out / "loss.png")
+        except Exception as e:  # a plot must never lose a finished run
+            print(f"warning: could not draw the loss curve: {e}")
+        return summary
+
+
+def _fmt(ev: dict[str, float]) -> str:
+    keys = [k for k in ("val_loss", "val_bpb", "heldout_loss", "heldout_bpb") if k in ev]
+    return "  ".join(f"{k}={ev[k]:.4f}" for k in keys)
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
