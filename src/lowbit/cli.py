@@ -202,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as e:
+        from lowbit.train.trainer import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"lowbit {args.cmd}: training diverged: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

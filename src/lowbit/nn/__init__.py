@@ -1,1 +1,11 @@
+"""Quantized layers and the functions that apply a recipe to a model from outside.
 
+    from lowbit.nn import quantize_, quant_diagnostics
+    quantize_(model, "quest-w4a4")          # swaps the 7 projections for QuantLinear, in place
+    quant_diagnostics(model)                # {"act_masked/layers.0.self_attn.q_proj": 0.0073, …}
+"""
+
+from lowbit.nn.convert import DEFAULT_SKIP, DEFAULT_TARGETS, ptq_, quant_diagnostics, quantize_
+from lowbit.nn.linear import QuantLinear
+
+__all__ = ["DEFAULT_SKIP", "DEFAULT_TARGETS", "QuantLinear", "ptq_", "quant_diagnostics", "quantize_"]

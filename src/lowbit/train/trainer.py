@@ -142,17 +142,32 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------ pieces
-    def _diagnose(self, loss: float) -> str:
-        if not math.isfinite(loss):
-            first = "the loss itself (the forward pass produced it)"
-        else:
-            first = "none found"
+    def _diagnose(self, x: torch.Tensor) -> str:
+        """Name the first non-finite tensor: a parameter, else the first module whose forward output is
+        non-finite on the offending batch, else the first non-finite gradient."""
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():
                 return f"parameter {name} holds non-finite values"
+        found: list[str] = []
+
+        def hook(mod, inp, out, name=""):
+            if not found and torch.is_tensor(out) and not torch.isfinite(out).all():
+                found.append(name)
+
+        handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
+                   for n, m in self.model.named_modules() if n]
+        try:
+            with torch.no_grad(), self._autocast():
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        if found:
+            return f"first non-finite activation: output of {found[0]}"
+        for name, p in self.model.named_parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 return f"first non-finite gradient: {name}"
-        return first
+        return "no single tensor found"
 
     def _train_step(self, measure_memory: bool) -> tuple[float, float]:
         cfg = self.cfg.train
@@ -164,7 +179,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
         for _ in range(cfg.grad_accum):
-            x, y = self.loader.next_batch()
+            x, y = next(self.loader)
             counter = count_saved_activations(self.model) if measure_memory else contextlib.nullcontext({})
             with counter as saved, self._autocast():
                 loss = self.fwd(x, y) / cfg.grad_accum
@@ -176,7 +191,7 @@ class Trainer:
         loss_f, gnorm_f = float(total), float(gnorm)  # one sync per step: NaN detection needs it
         if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
             raise TrainingDiverged(f"step {self.step + 1}: loss={loss_f}, grad norm={gnorm_f}; "
-                                   f"{self._diagnose(loss_f)}. Lower train.lr or check the data.")
+                                   f"{self._diagnose(x)}. Lower train.lr or check the data.")
         if measure_memory:
             g = grad_bytes(self.model)
             method = "tensor accounting"

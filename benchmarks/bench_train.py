@@ -1,0 +1,458 @@
+"""Training-step throughput: tokens/s, step time, MFU and peak memory of one size/recipe on CPU or CUDA.
+
+The step is the trainer's own (``lowbit.train.trainer.Trainer._train_step``): fp32 master weights, bf16
+autocast on CUDA, fused AdamW from :func:`lowbit.train.optim.build_optimizer`, global-norm gradient clipping
+to 1.0, ``zero_grad(set_to_none=True)``, one host sync per step (the trainer reads the loss and grad norm
+for its NaN check), and ``torch.compile`` of the whole model when compiled. Batches are synthetic random
+tokens, generated on the device up front and rotated, so no data loading is timed.
+
+Timing: ``--warmup`` steps first (compilation happens there, and the optimizer state is created), then
+``--steps`` steps, each between two CUDA events (host clock on CPU); the median step time is reported.
+MFU = :func:`lowbit.models.llama.flops_per_token` (6·N + 12·L·d·T) × tokens/s ÷ the device's dense peak.
+
+    PYTHONPATH=src python benchmarks/bench_train.py --size 130m --batch 32 --seq 1024 --vocab 32000
+    PYTHONPATH=src python benchmarks/bench_train.py --size tiny --batch 4 --seq 128 --steps 3 --device cpu
+
+A markdown report (machine, date, exact command, numbers; the kernel breakdown with ``--profile``) is written
+to ``--out`` (default ``benchmarks/results/bench_train_<size>_<recipe>_<device>.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.config import ModelConfig, QuantConfig, TrainConfig
+from lowbit.models.llama import Llama, flops_per_token, param_counts
+from lowbit.train.optim import build_optimizer
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Dense (no sparsity) BF16 tensor-core peaks in FLOP/s, from the vendors' datasheets; the first match on the
+# device name wins. H100 SXM: 989.4 TFLOP/s (the PCIe card is slower: 756).
+PEAK_BF16: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("4090", 165e12),
+]
+
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+@dataclass
+class Result:
+    size: str
+    recipe: str
+    device: str
+    batch: int
+    seq: int
+    grad_accum: int
+    vocab: int
+    compile: bool
+    compile_mode: str
+    sdpa: str
+    params: dict[str, int]
+    flops_per_token: float
+    tokens_per_step: int
+    step_ms_median: float
+    step_ms_min: float
+    step_ms_max: float
+    tokens_per_s: float
+    achieved_tflops: float
+    mfu: float | None
+    peak_tflops: float | None
+    first_step_s: float
+    max_allocated_gb: float | None
+    max_reserved_gb: float | None
+    loss: float
+    step_ms: list[float] = field(default_factory=list)
+    profile: dict | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_recipe(model: nn.Module, recipe: str) -> nn.Module:
+    """bf16 is the plain model; any other name goes through ``lowbit.quant.recipes`` / ``lowbit.nn``."""
+    if recipe == "bf16":
+        return model
+    try:
+        from lowbit.nn import quantize_
+        from lowbit.quant import recipes
+    except ImportError as e:
+        raise SystemExit(
+            f"--recipe {recipe}: quantized recipes need lowbit.quant.recipes.get_recipe and "
+            f"lowbit.nn.quantize_, which this checkout does not provide ({e}). Use --recipe bf16."
+        ) from None
+    try:
+        spec = recipes.get_recipe(recipe)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"--recipe {recipe}: {str(e).strip(chr(39) + chr(34))}") from None
+    q = QuantConfig(recipe=recipe)
+    return quantize_(model, spec, targets=q.targets, skip=q.skip)
+
+
+def set_sdpa_backend(name: str) -> None:
+    """Restrict scaled_dot_product_attention to one backend (global flags, which torch.compile reads)."""
+    if name == "auto":
+        return
+    b = torch.backends.cuda
+    b.enable_flash_sdp(name == "flash")
+    b.enable_cudnn_sdp(name == "cudnn")
+    b.enable_mem_efficient_sdp(name == "efficient")
+    b.enable_math_sdp(name == "math")
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAK_BF16 if key in name), None)
+
+
+def machine_info(device: torch.device) -> dict[str, str]:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
+        info["cuda"] = str(torch.version.cuda)
+        with contextlib.suppress(ImportError):
+            import triton
+
+            info["triton"] = triton.__version__
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], float], nn.Module, Llama]:
+    mcfg = ModelConfig(size=args.size, vocab_size=args.vocab, max_seq_len=args.seq)
+    tcfg = TrainConfig(batch_size=args.batch, seq_len=args.seq, grad_accum=args.grad_accum,
+                       compile=args.compile)
+    torch.manual_seed(0)
+    model = apply_recipe(Llama(mcfg), args.recipe).to(device)
+    model.train()
+    opt = build_optimizer(model, tcfg, device)
+    if args.compile:
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        fwd: nn.Module = torch.compile(model, mode=mode)  # type: ignore[assignment]
+    else:
+        fwd = model
+    # the trainer's precision "auto": bf16 autocast over fp32 master weights on CUDA, plain fp32 on CPU
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
+           else contextlib.nullcontext())
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # synthetic batches, made once on the device and rotated (no data loading in the timed region)
+    g = torch.Generator(device=device).manual_seed(0)
+    n_rot = 4
+    batches = [
+        torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device, generator=g)
+        for _ in range(n_rot * args.grad_accum)
+    ]
+    it: Iterator[int] = iter(range(sys.maxsize))
+
+    def step() -> float:
+        total = torch.zeros((), device=device)
+        for _ in range(args.grad_accum):
+            b = batches[next(it) % len(batches)]
+            x, y = b[:, :-1], b[:, 1:]
+            with amp:
+                loss = fwd(x, y) / args.grad_accum
+            loss.backward()
+            total += loss.detach()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        loss_f, gnorm_f = float(total), float(gnorm)  # the trainer's one sync per step (NaN check)
+        if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
+            raise RuntimeError(f"non-finite loss {loss_f} / grad norm {gnorm_f}")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_f
+
+    return step, fwd, model
+
+
+def time_steps(step: Callable[[], float], n: int, device: torch.device) -> tuple[list[float], float]:
+    """Per-step milliseconds (CUDA events on GPU, host clock on CPU) and the last loss."""
+    times, loss = [], float("nan")
+    for _ in range(n):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            loss = step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times, loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# profile: where the GPU time of one step goes
+# ----------------------------------------------------------------------------------------------------------
+
+# (category, substrings of the kernel name), first match wins; names as cuBLAS/cuDNN/flash/inductor emit them
+KERNEL_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+    ("matmul (cuBLAS/CUTLASS)",
+     ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "triton_tem", "triton_mm")),
+    ("inductor fused reductions (norms, loss, casts)", ("triton_per", "triton_red")),
+    ("inductor fused pointwise", ("triton_poi",)),
+    ("optimizer (fused AdamW)", ("adam",)),
+    ("grad clip (foreach norm/scale)", ("multi_tensor", "foreach")),
+    ("eager cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("embedding", ("embedding", "index")),
+    ("memset/memcpy", ("memset", "memcpy", "fill")),
+    ("other eager elementwise", ("elementwise", "vectorized", "reduce_kernel", "unrolled")),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_step(step: Callable[[], float], device: torch.device, table_path: Path | None = None) -> dict:
+    """Profile one step; kernel (CPU: op) times by category and the top entries. The profiler's own table
+    (top 40 by self device time) is written to ``table_path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    avgs = prof.key_averages()
+    kernels: list[tuple[str, float, int]] = []  # (name, self µs, calls): GPU kernels, or CPU ops on CPU
+    for e in avgs:
+        if device.type == "cuda":
+            if not str(getattr(e, "device_type", "")).endswith("CUDA"):
+                continue
+            us = float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        else:
+            us = float(e.self_cpu_time_total)
+        if us > 0:
+            kernels.append((e.key, us, e.count))
+    kernels.sort(key=lambda k: -k[1])
+    gpu_ms = sum(k[1] for k in kernels) / 1e3
+    cats: dict[str, float] = {}
+    for name, us, _ in kernels:
+        c = categorize(name)
+        cats[c] = cats.get(c, 0.0) + us / 1e3
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = avgs.table(sort_by=sort_key, row_limit=40, max_name_column_width=90)
+    except (AttributeError, KeyError, ValueError):
+        table = avgs.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    if table_path is not None:
+        table_path.write_text(table)
+    return {
+        "wall_ms": wall_ms,
+        "kernel_ms": gpu_ms,
+        "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [(n[:120], us / 1e3, c) for n, us, c in kernels[:25]],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def command_line() -> str:
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("PYTHONPATH",) if k in os.environ)
+    return (env + " " if env else "") + shlex.join(["python", *sys.argv])
+
+
+def render_markdown(r: Result, info: dict[str, str], when: str, cmd: str) -> str:
+    gb = lambda v: "n/a" if v is None else f"{v:.2f}"
+    mfu = "n/a (no peak for this device; pass --peak-tflops)" if r.mfu is None else f"{100 * r.mfu:.1f} %"
+    lines = [
+        f"# bench_train: {r.size} / {r.recipe} on {info.get('gpu', 'CPU ' + info['cpu'])}",
+        "",
+        f"- date: {when}",
+        f"- machine: {', '.join(f'{k} {v}' for k, v in info.items())}",
+        f"- command: `{cmd}`",
+        f"- config: batch {r.batch} × seq {r.seq} × grad_accum {r.grad_accum} = {r.tokens_per_step} "
+        f"tokens/step, vocab {r.vocab}, compile {r.compile} (mode {r.compile_mode}), SDPA backend {r.sdpa}",
+        f"- params: {r.params['total'] / 1e6:.1f} M total, "
+        f"{r.params['non_embedding'] / 1e6:.1f} M non-embedding; "
+        f"{r.flops_per_token / 1e9:.3f} GFLOP/token (6·N + 12·L·d·T)",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| step time, median of {len(r.step_ms)} (min / max) | {r.step_ms_median:.2f} ms "
+        f"({r.step_ms_min:.2f} / {r.step_ms_max:.2f}) |",
+        f"| tokens/s | {r.tokens_per_s:,.0f} |",
+        f"| achieved | {r.achieved_tflops:.1f} TFLOP/s |",
+        f"| MFU (peak {'n/a' if r.peak_tflops is None else f'{r.peak_tflops:.0f}'} TFLOP/s) | {mfu} |",
+        f"| peak memory allocated / reserved | {gb(r.max_allocated_gb)} / {gb(r.max_reserved_gb)} GB |",
+        f"| first step (compile included) | {r.first_step_s:.1f} s |",
+        f"| loss after timing (random tokens: ≈ ln V = {math.log(r.vocab):.2f}) | {r.loss:.3f} |",
+    ]
+    if r.profile:
+        p = r.profile
+        lines += [
+            "",
+            f"## Where one step's time goes (torch.profiler, one step: {p['kernel_ms']:.1f} ms in "
+            f"{'GPU kernels' if r.device.startswith('cuda') else 'CPU ops'} of {p['wall_ms']:.1f} ms wall "
+            f"under the profiler)",
+            "",
+            "| category | ms | share of kernel time |",
+            "| --- | --- | --- |",
+        ]
+        total = p["kernel_ms"] or 1.0
+        lines += [f"| {c} | {ms:.2f} | {100 * ms / total:.1f} % |" for c, ms in p["categories_ms"].items()]
+        lines += ["", "Top entries by self time:", "", "| kernel / op | ms | calls |", "| --- | --- | --- |"]
+        lines += [f"| `{n}` | {ms:.2f} | {c} |" for n, ms, c in p["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--size", default="tiny", help="named size (lowbit.models.llama.SIZES)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+    ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the whole model (default: on for CUDA, off for CPU)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
+    ap.add_argument("--recipe", default="bf16", help="bf16, or a name from lowbit.quant.recipes")
+    ap.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS, help="restrict SDPA to one backend")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="dense BF16 peak for MFU (default: from the GPU name; H100 SXM = 989)")
+    ap.add_argument("--profile", action="store_true", help="profile one step after timing (kernel breakdown)")
+    ap.add_argument("--out", type=Path, default=None, help="markdown report (default: results/...)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
+    args = ap.parse_args(argv)
+    for k in ("batch", "seq", "grad_accum", "vocab", "steps"):
+        if getattr(args, k) <= 0:
+            ap.error(f"--{k.replace('_', '-')} must be > 0")
+    if args.warmup < 0:
+        ap.error("--warmup must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Result:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA GPU is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 matmuls (none under autocast) are affected
+        torch.backends.cudnn.allow_tf32 = True
+        set_sdpa_backend(args.sdpa)
+
+    step, _, model = make_step(args, device)
+    cfg = model.cfg
+    t0 = time.perf_counter()
+    step()
+    first_step_s = time.perf_counter() - t0
+    for _ in range(max(0, args.warmup - 1)):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = time_steps(step, args.steps, device)
+    max_alloc = max_res = None
+    if device.type == "cuda":
+        max_alloc = torch.cuda.max_memory_allocated(device) / 1e9
+        max_res = torch.cuda.max_memory_reserved(device) / 1e9
+
+    tokens = args.batch * args.seq * args.grad_accum
+    med = statistics.median(times)
+    tps = tokens / (med / 1e3)
+    fpt = flops_per_token(cfg, args.seq)
+    peak = peak_flops(device, args.peak_tflops)
+    res = Result(
+        size=args.size, recipe=args.recipe, device=str(device), batch=args.batch, seq=args.seq,
+        grad_accum=args.grad_accum, vocab=args.vocab, compile=args.compile, compile_mode=args.compile_mode,
+        sdpa=args.sdpa, params=param_counts(model), flops_per_token=fpt, tokens_per_step=tokens,
+        step_ms_median=med, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tps,
+        achieved_tflops=fpt * tps / 1e12, mfu=None if peak is None else fpt * tps / peak,
+        peak_tflops=None if peak is None else peak / 1e12, first_step_s=first_step_s,
+        max_allocated_gb=max_alloc, max_reserved_gb=max_res, loss=loss, step_ms=times,
+    )
+    out = args.out or RESULTS_DIR / f"bench_train_{args.size}_{args.recipe}_{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        res.profile = profile_step(step, device, out.with_name(out.stem + "_profile.txt"))
+        print("profile (ms):", ", ".join(f"{c} {ms:.2f}" for c, ms in res.profile["categories_ms"].items()),
+              f"| kernels {res.profile['kernel_ms']:.1f} of {res.profile['wall_ms']:.1f} wall")
+
+    info = machine_info(device)
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out.write_text(render_markdown(res, info, when, command_line()))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {"machine": info, "date": when, "command": command_line(), **asdict(res)}
+        args.json.write_text(json.dumps(record, indent=1))
+    mfu = "n/a" if res.mfu is None else f"{100 * res.mfu:.1f}%"
+    print(f"{args.size} {args.recipe} b{args.batch}x{args.seq}x{args.grad_accum} compile={args.compile}"
+          f"({args.compile_mode}) sdpa={args.sdpa}: {med:.2f} ms/step, {tps:,.0f} tok/s, "
+          f"{res.achieved_tflops:.1f} TFLOP/s, MFU {mfu}, peak {max_alloc or 0:.2f}/{max_res or 0:.2f} GB "
+          f"alloc/reserved, first step {first_step_s:.1f} s, loss {loss:.3f} -> {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

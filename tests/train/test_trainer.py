@@ -1,0 +1,102 @@
+"""End-to-end trainer behaviour on a tiny model and the generated test corpus (CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit.config import ConfigError, load_config
+from lowbit.train.logger import read_log
+from lowbit.train.trainer import Trainer, TrainingDiverged
+
+
+def make_cfg(tmp_path, corpus, name="run", **over):
+    base = {
+        "model.size": "tiny", "model.vocab_size": 320, "model.dim": 32, "model.n_layers": 2,
+        "model.n_heads": 2, "model.ffn_dim": 64, "model.max_seq_len": 32,
+        "data.source": [str(corpus)], "data.heldout": [], "data.dir": str(tmp_path / "data"),
+        "train.steps": 6, "train.batch_size": 2, "train.seq_len": 32, "train.lr": 3e-3, "train.warmup": 2,
+        "train.eval_every": 3, "train.eval_batches": 2, "train.ckpt_every": 3, "train.log_every": 1,
+        "train.progress": False, "train.tensorboard": False, "train.out_dir": str(tmp_path / name),
+    }
+    base |= over
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_log(run_dir, "train")]
+
+
+def test_trains_and_writes_run(tmp_path, tiny_corpus):
+    cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 30, "train.eval_every": 30})
+    t = Trainer(cfg)
+    s = t.fit()
+    assert s["final"]["val_loss"] < s["initial"]["val_loss"] - 0.5
+    out = tmp_path / "run"
+    for f in ("config.json", "log.jsonl", "summary.json", "loss.png", "ckpt/latest"):
+        assert (out / f).exists(), f
+    # memory accounting equals the tensor sizes: fp32 weights (+ the two RoPE tables, 32 × 16 each),
+    # fp32 grads, AdamW's two moments plus one fp32 step counter per parameter tensor
+    mem = s["memory"]
+    n, n_tensors = mem["n_params"], len(list(t.model.parameters()))
+    assert n == sum(p.numel() for p in t.model.parameters())
+    assert mem["weights"] == 4 * n + 2 * 32 * 16 * 4
+    assert mem["grads"] == 4 * n
+    assert mem["optimizer"] == 8 * n + 4 * n_tensors
+    assert mem["activations"] > 0
+
+
+def test_exact_resume_matches_uninterrupted(tmp_path, tiny_corpus):
+    a = make_cfg(tmp_path, tiny_corpus, "a")
+    Trainer(a).fit()
+    b = make_cfg(tmp_path, tiny_corpus, "b")
+    Trainer(b).fit(until_step=3)
+    assert [s for s, _ in losses(tmp_path / "b")] == [1, 2, 3]
+    Trainer(b, resume=True).fit()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit for bit: floats compared exactly
+    ea = [r for r in read_log(tmp_path / "a", "eval")]
+    eb = [r for r in read_log(tmp_path / "b", "eval")]
+    assert [r["val_loss"] for r in ea] == [r["val_loss"] for r in eb]
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_corpus):
+    cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 2})
+    Trainer(cfg).fit()
+    before = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(cfg)
+    assert (tmp_path / "run" / "log.jsonl").read_text() == before
+    Trainer(cfg, overwrite=True).fit()
+
+
+def test_resume_refuses_other_config(tmp_path, tiny_corpus):
+    cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 2})
+    Trainer(cfg).fit()
+    other = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 2, "train.lr": 1e-3})
+    with pytest.raises(ConfigError, match="train.lr"):
+        Trainer(other, resume=True)
+    with pytest.raises(Exception, match="no complete checkpoint"):
+        Trainer(make_cfg(tmp_path, tiny_corpus, "fresh"), resume=True)
+
+
+def test_vocab_mismatch(tmp_path, tiny_corpus):
+    cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 1})
+    Trainer(cfg).fit()
+    small = make_cfg(tmp_path, tiny_corpus, "small", **{"model.vocab_size": 100, "train.steps": 1})
+    with pytest.raises(Exception, match="vocab"):
+        Trainer(small).fit()
+
+
+def test_nan_is_detected_and_named(tmp_path, tiny_corpus, monkeypatch):
+    cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 3})
+    t = Trainer(cfg)
+    real_setup = t._setup
+
+    def poisoned_setup():
+        real_setup()
+        with torch.no_grad():
+            t.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+
+    monkeypatch.setattr(t, "_setup", poisoned_setup)
+    with pytest.raises(TrainingDiverged, match=r"step 1: .*layers\.1\.mlp\.up_proj\.weight"):
+        t.fit()
