@@ -7,14 +7,15 @@ for its NaN check), and ``torch.compile`` of the whole model when compiled. Batc
 tokens, generated on the device up front and rotated, so no data loading is timed.
 
 Timing: ``--warmup`` steps first (compilation happens there, and the optimizer state is created), then
-``--steps`` steps, each between two CUDA events (host clock on CPU); the median step time is reported.
-MFU = :func:`lowbit.models.llama.flops_per_token` (6·N + 12·L·d·T) × tokens/s ÷ the device's dense peak.
+``--steps`` steps with a CUDA event at every step boundary and one host wait after the last (host clock on
+CPU); the median step time is reported. MFU = :func:`lowbit.models.llama.flops_per_token` (6·N + 12·L·d·T)
+× tokens/s ÷ the device's dense BF16 peak; quantized recipes are counted with the same dense FLOPs.
 
     PYTHONPATH=src python benchmarks/bench_train.py --size 130m --batch 32 --seq 1024 --vocab 32000
     PYTHONPATH=src python benchmarks/bench_train.py --size tiny --batch 4 --seq 128 --steps 3 --device cpu
 
 A markdown report (machine, date, exact command, numbers; the kernel breakdown with ``--profile``) is written
-to ``--out`` (default ``benchmarks/results/bench_train_<size>_<recipe>_<device>.md``).
+to ``--out`` (default ``benchmarks/results/bench_train_<size>_<recipe>_<cpu or GPU name>.md``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,14 @@ def set_sdpa_backend(name: str) -> None:
     b.enable_math_sdp(name == "math")
 
 
+def device_slug(device: torch.device) -> str:
+    """``cpu``, or the GPU's name in lowercase words joined by '-' (``nvidia-h100-80gb-hbm3``)."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).lower()
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
     if override_tflops is not None:
         return override_tflops * 1e12
@@ -205,20 +214,23 @@ def make_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[
 
 
 def time_steps(step: Callable[[], float], n: int, device: torch.device) -> tuple[list[float], float]:
-    """Per-step milliseconds (CUDA events on GPU, host clock on CPU) and the last loss."""
-    times, loss = [], float("nan")
+    """Per-step milliseconds and the last loss. On CUDA an event is recorded at every step boundary and the
+    host waits only once, after the last step, so the loop runs exactly as the trainer's does (its own one
+    sync per step included, and the next step's launch overlapping the optimizer's kernels)."""
+    loss = float("nan")
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        events[0].record()
+        for i in range(n):
+            loss = step()
+            events[i + 1].record()
+        events[-1].synchronize()
+        return [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=True)], loss
+    times = []
     for _ in range(n):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            loss = step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            loss = step()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        loss = step()
+        times.append((time.perf_counter() - t0) * 1e3)
     return times, loss
 
 
@@ -250,9 +262,9 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def profile_step(step: Callable[[], float], device: torch.device, table_path: Path | None = None) -> dict:
-    """Profile one step; kernel (CPU: op) times by category and the top entries. The profiler's own table
-    (top 40 by self device time) is written to ``table_path``."""
+def profile_step(step: Callable[[], float], device: torch.device) -> dict:
+    """Profile one step: kernel (on CPU: op) times by category, the top entries, and the profiler's own
+    table (top 40 by self device time)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -267,6 +279,8 @@ def profile_step(step: Callable[[], float], device: torch.device, table_path: Pa
     avgs = prof.key_averages()
     kernels: list[tuple[str, float, int]] = []  # (name, self µs, calls): GPU kernels, or CPU ops on CPU
     for e in avgs:
+        if getattr(e, "is_user_annotation", False):  # ranges such as Optimizer.step: not kernels
+            continue
         if device.type == "cuda":
             if not str(getattr(e, "device_type", "")).endswith("CUDA"):
                 continue
@@ -286,9 +300,8 @@ def profile_step(step: Callable[[], float], device: torch.device, table_path: Pa
         table = avgs.table(sort_by=sort_key, row_limit=40, max_name_column_width=90)
     except (AttributeError, KeyError, ValueError):
         table = avgs.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
-    if table_path is not None:
-        table_path.write_text(table)
     return {
+        "table": table,
         "wall_ms": wall_ms,
         "kernel_ms": gpu_ms,
         "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
@@ -340,13 +353,18 @@ def render_markdown(r: Result, info: dict[str, str], when: str, cmd: str) -> str
             f"{'GPU kernels' if r.device.startswith('cuda') else 'CPU ops'} of {p['wall_ms']:.1f} ms wall "
             f"under the profiler)",
             "",
-            "| category | ms | share of kernel time |",
-            "| --- | --- | --- |",
         ]
+        if r.device.startswith("cuda"):
+            lines += [f"The timed steps' median ({r.step_ms_median:.1f} ms) less the kernel time leaves "
+                      f"≈ {r.step_ms_median - p['kernel_ms']:.1f} ms per step with the GPU idle: kernel-"
+                      f"launch gaps and the host sync before the optimizer step.", ""]
+        lines += ["| category | ms | share of kernel time |", "| --- | --- | --- |"]
         total = p["kernel_ms"] or 1.0
         lines += [f"| {c} | {ms:.2f} | {100 * ms / total:.1f} % |" for c, ms in p["categories_ms"].items()]
         lines += ["", "Top entries by self time:", "", "| kernel / op | ms | calls |", "| --- | --- | --- |"]
         lines += [f"| `{n}` | {ms:.2f} | {c} |" for n, ms, c in p["top_kernels"]]
+        lines += ["", "<details><summary>torch.profiler table (top 40 by self time)</summary>", "", "```",
+                  p["table"].rstrip(), "```", "", "</details>"]
     return "\n".join(lines) + "\n"
 
 
@@ -362,7 +380,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size (lm_head width)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -398,8 +416,6 @@ def main(argv: list[str] | None = None) -> Result:
         args.compile = device.type == "cuda"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # only fp32 matmuls (none under autocast) are affected
-        torch.backends.cudnn.allow_tf32 = True
         set_sdpa_backend(args.sdpa)
 
     step, _, model = make_step(args, device)
@@ -432,10 +448,10 @@ def main(argv: list[str] | None = None) -> Result:
         peak_tflops=None if peak is None else peak / 1e12, first_step_s=first_step_s,
         max_allocated_gb=max_alloc, max_reserved_gb=max_res, loss=loss, step_ms=times,
     )
-    out = args.out or RESULTS_DIR / f"bench_train_{args.size}_{args.recipe}_{device.type}.md"
+    out = args.out or RESULTS_DIR / f"bench_train_{args.size}_{args.recipe}_{device_slug(device)}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        res.profile = profile_step(step, device, out.with_name(out.stem + "_profile.txt"))
+        res.profile = profile_step(step, device)
         print("profile (ms):", ", ".join(f"{c} {ms:.2f}" for c, ms in res.profile["categories_ms"].items()),
               f"| kernels {res.profile['kernel_ms']:.1f} of {res.profile['wall_ms']:.1f} wall")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 TINY_VOCAB = 512
-"""Vocabulary of ``tiny_dataset``'s tokenizer (the generated corpus supports BPE vocabularies up to ~1000)."""
+"""Vocabulary of ``tiny_dataset``'s tokenizer (the generated corpus supports BPE vocabularies up to 878)."""
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,8 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 generated documents of ~40 kB (~160 kB, ~45k tokens at a 512 BPE), ``doc_000.txt`` ... Read-only."""
     from lowbit.data.synthetic import write_synthetic_corpus
 
-    return write_synthetic_corpus(tmp_path_factory.mktemp("tiny_corpus"), n_files=4, chars_per_file=40_000, seed=0)
+    return write_synthetic_corpus(tmp_path_factory.mktemp("tiny_corpus"), n_files=4, chars_per_file=40_000,
+                                  seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +32,14 @@ def tiny_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1 generated document of ~20 kB, disjoint from ``tiny_corpus`` (another seed). Read-only."""
     from lowbit.data.synthetic import write_synthetic_corpus
 
-    return write_synthetic_corpus(tmp_path_factory.mktemp("tiny_heldout"), n_files=1, chars_per_file=20_000, seed=1)
+    return write_synthetic_corpus(tmp_path_factory.mktemp("tiny_heldout"), n_files=1, chars_per_file=20_000,
+                                  seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path, tiny_heldout: Path) -> Path:
-    """Prepared dataset directory (train / val / heldout shards, ``tokenizer.json`` of ``TINY_VOCAB`` tokens) of
-    the tiny corpus. Read-only."""
+    """Prepared dataset directory of the tiny corpus: train / val / heldout shards and a ``tokenizer.json`` of
+    ``TINY_VOCAB`` tokens. Read-only."""
     from lowbit.config import DataConfig
     from lowbit.data import prepare_data
 

@@ -92,13 +92,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    try:
-        from lowbit.quant.recipes import list_recipes
-    except ImportError:
-        print("bf16  no quantization")
-        return 0
-    for r in list_recipes():
-        print(f"{r.name:24s} {r.description}")
+    from lowbit.quant.recipes import get_recipe, list_recipes
+
+    for name in list_recipes():
+        print(f"{name:24s} {get_recipe(name).description}")
     return 0
 
 

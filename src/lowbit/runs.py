@@ -22,13 +22,11 @@ def apply_recipe(model: nn.Module, cfg: RunConfig) -> nn.Module:
     if cfg.quant.recipe == "bf16":
         return model
     from lowbit.nn import quantize_
-    from lowbit.quant.recipes import get_recipe
 
     try:
-        recipe = get_recipe(cfg.quant.recipe)
+        return quantize_(model, cfg.quant.recipe, targets=cfg.quant.targets, skip=cfg.quant.skip)
     except (KeyError, ValueError) as e:
-        raise ConfigError(str(e).strip("'\"")) from None
-    return quantize_(model, recipe, targets=cfg.quant.targets, skip=cfg.quant.skip)
+        raise ConfigError(f"quant.recipe: {str(e).strip(chr(39) + chr(34))}") from None
 
 
 def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> nn.Module:

@@ -1,4 +1,4 @@
-"""prepare_data end to end on the generated corpus: shard contents, manifest, splits, reuse, rebuild, errors."""
+"""prepare_data end to end on the generated corpus: shard contents, manifest, splits, reuse, rebuild."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lowbit.config import DataConfig
-from lowbit.data import DataError, TokenShard, Tokenizer, load_tokenizer, prepare_data, read_manifest
+from lowbit.data import DataError, Tokenizer, TokenShard, load_tokenizer, prepare_data, read_manifest
 from lowbit.data.prepare import config_fingerprint, main, split_tail
 from lowbit.data.shards import ShardWriter, dtype_for
 from lowbit.data.sources import iter_documents
@@ -52,7 +52,7 @@ def test_manifest_contents(tiny_dataset: Path, tiny_corpus: Path, tiny_heldout: 
     assert t["file"] == "tokenizer.json" and t["vocab_size"] == TINY_VOCAB and t["eos_id"] == 0
     assert t["sha256"] == Tokenizer.load(tiny_dataset / "tokenizer.json").sha256
     assert set(m["splits"]) == {"train", "val", "heldout"}
-    for name, s in m["splits"].items():
+    for s in m["splits"].values():
         assert {"file", "n_tokens", "n_bytes", "n_docs", "sources"} <= set(s)
         assert (tiny_dataset / s["file"]).stat().st_size == 2 * s["n_tokens"]
     assert m["splits"]["train"]["sources"] == [str(tiny_corpus)]
@@ -242,3 +242,8 @@ def test_module_main(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFi
                  "model.vocab_size=300"]) == 0
     out = capsys.readouterr().out
     assert "train" in out and "val" in out and "vocab 300" in out
+
+
+def test_module_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([f"data.source=[\"{tmp_path / 'nope'}\"]", f"data.dir=\"{tmp_path / 'ds'}\""]) == 2
+    assert "data source not found" in capsys.readouterr().err

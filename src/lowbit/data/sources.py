@@ -362,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-chars", type=int, default=0)
     args = ap.parse_args(argv)
     n, chars, nbytes = 0, 0, 0
-    for doc in iter_documents(args.sources, args.text_field, args.max_chars):
-        n, chars, nbytes = n + 1, chars + len(doc), nbytes + len(doc.encode("utf-8", "replace"))
+    try:
+        for doc in iter_documents(args.sources, args.text_field, args.max_chars):
+            n, chars, nbytes = n + 1, chars + len(doc), nbytes + len(doc.encode("utf-8"))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{n:,} documents, {chars:,} characters, {nbytes:,} UTF-8 bytes")
     return 0
 

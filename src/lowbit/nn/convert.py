@@ -54,7 +54,8 @@ def quantize_(
     chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, tgt, skp)]
     if not chosen:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"recipe {rec.name!r}: no nn.Linear matches targets={list(tgt)} minus skip={list(skp)}; "
+        raise ValueError(f"recipe {rec.name!r}: no nn.Linear matches targets={list(tgt)} minus "
+                         f"skip={list(skp)}; "
                          f"the model's Linear layers are {linears[:8]}{' …' if len(linears) > 8 else ''}")
     for name, mod in chosen:
         if isinstance(mod, QuantLinear):

@@ -58,8 +58,10 @@ class QuantLinear(nn.Linear):
         pdtype = w.dtype if w.dtype.is_floating_point else torch.float32
         for which, spec in (("weight", weight_spec), ("input", act_spec)):
             if spec is not None and spec.learned:
-                self.register_parameter(f"{which}_scale", nn.Parameter(torch.ones(1, device=w.device, dtype=pdtype)))
-                self.register_buffer(f"{which}_scale_ready", torch.zeros((), dtype=torch.bool, device=w.device))
+                param = nn.Parameter(torch.ones(1, device=w.device, dtype=pdtype))
+                self.register_parameter(f"{which}_scale", param)
+                flag = torch.zeros((), dtype=torch.bool, device=w.device)
+                self.register_buffer(f"{which}_scale_ready", flag)
             else:
                 self.register_parameter(f"{which}_scale", None)
             setattr(self, f"_{which}_ready", False)

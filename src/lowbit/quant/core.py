@@ -230,7 +230,10 @@ def fake_quantize(
                 mask = inside
             elif spec.estimator == "trust":
                 # QuEST trust estimator (METHODS.md §4): computed here, i.e. in the Hadamard domain
-                thr = step / 2 if spec.trust is None else spec.trust * xd.square().mean(-1, keepdim=True).sqrt()
+                if spec.trust is None:
+                    thr = step / 2
+                else:
+                    thr = spec.trust * xd.square().mean(-1, keepdim=True).sqrt()
                 mask = (q - xd).abs() <= thr
             else:  # "none"
                 mask = torch.zeros_like(xd, dtype=torch.bool)
@@ -260,8 +263,7 @@ def fake_quantize(
                         # PACT: only clipped entries move the clip; rounding is straight-through
                         dq = (codes + info.offset) * (~inside).float()
                         g = 1.0
-                live = live.detach() + (live - live.detach()) * g
-                out = out + dq * (live - live.detach())
+                out = out + (dq * g) * (live - live.detach())  # 0 in value; gradient g·Σ dq ⊙ upstream
         out = out.reshape(xr.shape)
         if spec.hadamard and not rotated:
             out = hadamard(out, spec.hadamard_block)

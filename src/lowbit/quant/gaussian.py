@@ -54,7 +54,7 @@ def gaussian_mse(alpha: float, levels: int) -> float:
     return 2.0 * (bounded + tail)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def optimal_alpha(levels: int) -> float:
     """The α minimising :func:`gaussian_mse` for ``levels`` points (golden-section search, float64)."""
     lo, hi = 1e-3, 3.0 + math.log2(levels)  # optimum grows ~√(2 ln n); this bracket covers n ≤ 2^16
@@ -82,6 +82,7 @@ def alpha_for(levels: int, option: str | float = "optimal") -> float:
         return optimal_alpha(levels)
     if option == "reference":
         if levels not in REFERENCE_ALPHA:
-            raise ValueError(f"the QuEST reference table has no entry for {levels} levels; use alpha='optimal'")
+            raise ValueError(f"the QuEST reference table has no entry for {levels} levels; "
+                             "use alpha='optimal'")
         return REFERENCE_ALPHA[levels]
     raise ValueError(f"alpha={option!r}: use 'optimal', 'reference' or a positive number")

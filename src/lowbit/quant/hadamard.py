@@ -38,7 +38,9 @@ def _hadamard_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.
     return (h / b**0.5).to(dtype=dtype, device=device)
 
 
-def hadamard_matrix(b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+def hadamard_matrix(
+    b: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The orthonormal b×b Walsh–Hadamard block H_b (symmetric, H_b @ H_b = I)."""
     hadamard_block_size(b, b)
     return _hadamard_matrix(b, dtype, torch.device(device))

@@ -70,7 +70,8 @@ def ste_spec(bits: float) -> QuantSpec:
 
 
 def lsq_spec(bits: float) -> QuantSpec:
-    """LSQ (§5): one learned step per tensor, centered grid; x gets LSQ's clipped straight-through gradient."""
+    """LSQ (§5): one learned step per tensor, centered grid; x gets LSQ's clipped straight-through
+    gradient."""
     return QuantSpec(bits, _sym_grid(bits, zero=False), "lsq", "tensor", estimator="clipped_ste")
 
 
@@ -89,16 +90,16 @@ def _registry() -> dict[str, Recipe]:
     # built on first use (cheap, but nothing at import)
     table = [
         Recipe("bf16", "no quantization (high-precision baseline)", None, None),
-        Recipe("bitnet-b1.58", "BitNet b1.58: ternary absmean weights per tensor, 8-bit absmax acts per token, "
-               "STE", BITNET_WEIGHT, BITNET_ACT),
+        Recipe("bitnet-b1.58", "BitNet b1.58: ternary absmean weights per tensor, 8-bit absmax acts per "
+               "token, STE", BITNET_WEIGHT, BITNET_ACT),
     ]
     for w in RECIPE_BITS:
         table.append(Recipe(f"quest-w{_b(w)}", f"QuEST weight-only W{w}: RMS·α scale per row, Hadamard-128, "
                             "trust estimator; activations high precision", quest_spec(w), None))
     families = [
         ("quest", "QuEST", lambda b: quest_spec(b), lambda b: quest_spec(b), "Hadamard-128, RMS·α, trust"),
-        ("quest-noh", "QuEST without Hadamard", lambda b: quest_spec(b, False), lambda b: quest_spec(b, False),
-         "RMS·α, trust"),
+        ("quest-noh", "QuEST without Hadamard", lambda b: quest_spec(b, False),
+         lambda b: quest_spec(b, False), "RMS·α, trust"),
         ("ste", "STE", ste_spec, ste_spec, "per-row absmax, integer grid, identity gradient"),
         ("lsq", "LSQ", lsq_spec, lsq_spec, "learned step per tensor, centered grid"),
         ("pact", "PACT", ste_spec, pact_spec, "learned activation clip; weights as STE"),

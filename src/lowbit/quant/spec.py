@@ -8,6 +8,7 @@ hadamard=True, estimator="trust")``, BitNet's weights ``QuantSpec(1.58, "ternary
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,7 +77,8 @@ class QuantSpec:
         if self.granularity == "group" and self.group_size < 1:
             raise ValueError(f"QuantSpec.group_size must be ≥ 1, got {self.group_size}")
         if self.hadamard_block < 2 or self.hadamard_block & (self.hadamard_block - 1):
-            raise ValueError(f"QuantSpec.hadamard_block must be a power of two ≥ 2, got {self.hadamard_block}")
+            raise ValueError(f"QuantSpec.hadamard_block must be a power of two ≥ 2, got "
+                             f"{self.hadamard_block}")
         if self.trust is not None and not self.trust > 0:
             raise ValueError(f"QuantSpec.trust must be > 0 or None, got {self.trust}")
         if self.eps <= 0:
@@ -86,7 +88,7 @@ class QuantSpec:
                 raise ValueError("scale='rms' (Gaussian-optimal clip) needs a symmetric grid, not int_asym")
             if isinstance(self.alpha, int | float) and not self.alpha > 0:
                 raise ValueError(f"QuantSpec.alpha must be > 0, got {self.alpha}")
-            if self.alpha != "optimal":  # 'optimal' is computed on first use, not here (nothing heavy at build)
+            if self.alpha != "optimal":  # 'optimal' is computed on first use, not at construction
                 alpha_for(self.info.levels, self.alpha)  # raises for unknown names / missing table entries
         elif self.alpha != "optimal":
             raise ValueError("QuantSpec.alpha only applies to scale='rms'")
@@ -94,9 +96,9 @@ class QuantSpec:
             raise ValueError(f"scale={self.scale!r} learns one value per tensor: use granularity='tensor'")
 
     # ---- derived ------------------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def info(self) -> GridInfo:
-        """qmin, qmax, offset, levels, top of this spec's grid."""
+        """qmin, qmax, offset, levels, top of this spec's grid (cached on the instance; not a field)."""
         return grid_info(self.grid, self.bits)
 
     @property

@@ -1,0 +1,55 @@
+"""Post-training quantization: the baseline every QAT recipe is compared against.
+
+``lowbit convert RUN --ptq RECIPE`` loads a trained (usually bf16) run, applies the recipe's weight and
+activation quantizers with round-to-nearest and no training, evaluates the result and writes it as a run
+directory of its own (config with the new recipe, a checkpoint, summary and log), so ``lowbit report`` and
+``lowbit eval`` treat it like any trained run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from lowbit.config import RunConfig
+from lowbit.train import checkpoint as ckpt
+
+
+def ptq_run(run_dir: str | Path, recipe: str, out: str | Path | None = None, batches: int = 50,
+            device: str = "auto") -> Path:
+    from lowbit.data import TokenShard
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.nn import ptq_
+    from lowbit.runs import autocast_dtype, load_run, resolve_device
+    from lowbit.train.logger import RunLogger
+
+    dev = resolve_device(device)
+    model, cfg, state = load_run(run_dir, "cpu")
+    model = ptq_(model, recipe, targets=cfg.quant.targets, skip=cfg.quant.skip).to(dev)
+    new_cfg = RunConfig.from_dict(cfg.to_dict() | {"quant": dataclasses.asdict(cfg.quant) | {"recipe": recipe}})
+    out = Path(out) if out else Path(str(run_dir).rstrip("/") + f"-ptq-{recipe}")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    new_cfg.train.out_dir = str(out)
+    ckpt.atomic_write_text(out / "config.json", new_cfg.to_json())
+    final = {"step": state["step"], "tokens": state.get("tokens_seen")}
+    for split in ("val", "heldout"):
+        try:
+            shard = TokenShard(cfg.data.dir, split)
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
+        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, batches, dev,
+                     autocast_dtype(cfg.train.precision, dev))
+        final |= {f"{split}_loss": r["loss"], f"{split}_ppl": r["ppl"], f"{split}_bpb": r["bpb"]}
+        print(f"{split:8s} loss {r['loss']:.4f}  bits/byte {r['bpb']:.4f}  (PTQ {recipe} of {run_dir})")
+    logger = RunLogger(out, tensorboard=False)
+    logger.log(final, kind="eval")
+    logger.close()
+    ckpt.save_checkpoint(out, state["step"], model.cpu(), None,
+                         {"tokens_seen": state.get("tokens_seen"), "ptq_of": str(run_dir), "config": new_cfg.to_dict()})
+    summary = {"final": final, "ptq_of": str(run_dir), "recipe": recipe, "params": state.get("params", {})}
+    ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return out
