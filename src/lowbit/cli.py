@@ -100,10 +100,10 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_sizes(args) -> int:
+    import torch
+
     from lowbit.config import ModelConfig
     from lowbit.models.llama import SIZES, Llama, param_counts
-
-    import torch
 
     print(f"{'size':6s} {'layers':>6s} {'dim':>5s} {'heads':>5s} {'ffn':>6s} {'non-emb':>10s} (vocab {args.vocab})")
     for name in SIZES:
