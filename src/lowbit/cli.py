@@ -54,7 +54,8 @@ def cmd_data(args) -> int:
             s = TokenShard(d, split)
         except (FileNotFoundError, KeyError, ValueError):
             continue
-        print(f"{split:8s} {s.n_tokens:>12,} tokens  {s.n_bytes:>13,} bytes  ({s.n_bytes / max(1, s.n_tokens):.2f} B/token)")
+        bpt = s.n_bytes / max(1, s.n_tokens)
+        print(f"{split:8s} {s.n_tokens:>12,} tokens  {s.n_bytes:>13,} bytes  ({bpt:.2f} B/token)")
     print(f"dataset: {d}")
     return 0
 
