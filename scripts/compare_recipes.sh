@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train several recipes on the same data, model, schedule and tokens, then compare them in one report.
 #   scripts/compare_recipes.sh [CONFIG] [OUT] [RECIPE ...]
-# Defaults: configs/tiny-cpu.toml, runs/cmp, and the issue's comparison set. Extra overrides via $OVERRIDES.
+# Defaults: configs/tiny-cpu.toml, runs/cmp, and the issue's comparison set. Overrides for every run via $OVERRIDES
+# (docs/results.md: OVERRIDES="train.steps=200 train.log_every=10").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-configs/tiny-cpu.toml}
