@@ -6,6 +6,7 @@
     lowbit eval RUN                                                    loss / ppl / bits per byte
     lowbit report RUN [RUN ...] --out DIR                              table + plots comparing runs
     lowbit convert RUN --ptq RECIPE                                    post-training quantization baseline
+    lowbit convert RUN --to ternary                                    ternary inference from an (8-bit DQT) run
     lowbit recipes | lowbit sizes | lowbit config --config ...         listings
 
 Nothing else lives here: every command calls one library function.
@@ -95,7 +96,7 @@ def cmd_report(args) -> int:
 def cmd_recipes(args) -> int:
     from lowbit.quant.recipes import get_recipe, list_recipes
 
-    for name in list_recipes():
+    for name in list_recipes(include_direct=True):
         print(f"{name:24s} {get_recipe(name).description}")
     return 0
 
@@ -121,8 +122,17 @@ def cmd_config(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from lowbit.config import ConfigError
     from lowbit.convert import ptq_run
 
+    if (args.ptq is None) == (args.to is None):
+        raise ConfigError("lowbit convert needs exactly one of --ptq RECIPE or --to ternary")
+    if args.to is not None:
+        from lowbit.convert import ternary_run
+
+        out = ternary_run(args.run, args.out, batches=args.batches, device=args.device)
+        print(f"wrote {out}")
+        return 0
     out = ptq_run(args.run, args.ptq, args.out, batches=args.batches, device=args.device)
     print(f"wrote {out}")
     return 0
@@ -165,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="post-training quantization of a trained run (PTQ baseline)")
     c.add_argument("run")
-    c.add_argument("--ptq", required=True, metavar="RECIPE", help="recipe whose quantizers to apply")
+    c.add_argument("--ptq", metavar="RECIPE", help="recipe whose quantizers to apply")
+    c.add_argument("--to", choices=["ternary"], help="re-quantize the run's weights with BitNet's absmean "
+                   "ternariser, no retraining (DQT: ternary inference from an 8-bit model)")
     c.add_argument("--out", help="output run directory (default: RUN-ptq-RECIPE)")
     c.add_argument("--batches", type=int, default=50)
     c.add_argument("--device", default="auto")

@@ -172,7 +172,7 @@ class TrainConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     keep_ckpts: int = 2
     """How many step checkpoints to keep (the newest ones)."""
-    log_every: int = 10
+    log_every: int = 1
     """Write a JSONL/TensorBoard point every N steps."""
     out_dir: str = "runs/tiny"
     """Run directory: config, checkpoints, logs, plots."""
@@ -215,6 +215,62 @@ class QuantConfig:
 
 
 @dataclass
+class DQTConfig:
+    """Direct quantized training (DQT, METHODS.md §3; recipes ``dqt-*``): the weights of the quantized layers
+    exist only as low-bit codes plus scales (``lowbit.nn.DirectQuantLinear``) and are updated on their grid by
+    ``lowbit.optim.DirectOptimizer``. Ignored by every other recipe. Learning rate, betas, eps, weight decay and
+    the clipping threshold come from ``train``; bits, grid and the rounding of the update from the recipe."""
+
+    optimizer: str = "adamw"
+    """Update rule for the quantized weights: "adamw" (the reference), "sgd" (momentum train.beta1, no second
+    moment) or "adafactor" (AdamW's first moment, second moment factored into row and column means)."""
+    state_dtype: str = "fp32"
+    """Precision of the optimizer moments of the quantized weights: "fp32", "bf16", or "8bit" (lowbit's own
+    blockwise 8-bit format: blocks of 256, absmax per block, square-root companded map; lowbit.optim.blockwise)."""
+    update_in_backward: bool = False
+    """Apply each quantized weight's update inside backward, as soon as its gradient is computed, so no
+    full-model gradient buffer ever exists. Global-norm clipping and train.grad_accum > 1 are then impossible:
+    clipping follows ``clip`` and grad_accum > 1 is refused."""
+    clip: str = "tensor"
+    """With update_in_backward: "tensor" clips every tensor's gradient to norm ≤ train.grad_clip on its own;
+    "previous" scales all gradients by min(1, grad_clip / global norm of the previous step) (the first step is
+    clipped per tensor). Without update_in_backward the usual global-norm clipping applies."""
+    scale: str = "frozen"
+    """Step Δ of the weight grid: "frozen" at initialisation (the reference: absmean per tensor); "recompute"
+    (re-fit with the recipe's rule to the updated weight every ``scale_every`` steps, then round onto the new
+    grid); "signed_max" (the reference SR step exactly: Δ = max(W_before)/top, the signed maximum of the
+    pre-update tensor, so the range never grows)."""
+    scale_every: int = 1
+    """scale="recompute" only: re-fit Δ every N steps. Each re-fit re-rounds every weight onto a new grid."""
+    granularity: str = "auto"
+    """Scale granularity of the weight grid: "auto" (the recipe's: per tensor for dqt-int*/ternary, per row
+    for dqt-quest), "tensor", "row" (per output channel), or "group" (``group_size`` values along K)."""
+    group_size: int = 128
+    """granularity="group" only: values per scale; must divide every quantized layer's K."""
+    quantize_embeddings: bool = False
+    """Also store and train the embedding, lm_head and the norm gains on the recipe's grid, as the reference
+    code does (default: BitNet's convention, high precision, trained by AdamW)."""
+    seed: int | None = None
+    """Seed of the stochastic-rounding noise (a pure function of seed, step, tensor, element); None =
+    train.seed."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "optimizer": ("adamw", "sgd", "adafactor"),
+            "state_dtype": ("fp32", "bf16", "8bit"),
+            "clip": ("tensor", "previous"),
+            "scale": ("frozen", "recompute", "signed_max"),
+            "granularity": ("auto", "tensor", "row", "group"),
+        }
+        for name, choices in checks.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(_unknown(f"dqt.{name}", getattr(self, name), choices))
+        _positive(self, "scale_every", "group_size")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"dqt.seed must be >= 0 or None, got {self.seed}")
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -222,6 +278,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    dqt: DQTConfig = field(default_factory=DQTConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -229,6 +286,26 @@ class RunConfig:
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 f"raise model.max_seq_len or lower train.seq_len"
             )
+        if self.is_direct:
+            if self.dqt.update_in_backward and self.train.grad_accum > 1:
+                raise ConfigError(
+                    f"dqt.update_in_backward applies each update as soon as its gradient exists, so gradients "
+                    f"cannot be accumulated: set train.grad_accum=1 (got {self.train.grad_accum}) or "
+                    f"dqt.update_in_backward=false"
+                )
+            if self.dqt.quantize_embeddings and self.model.tie_embeddings:
+                raise ConfigError("dqt.quantize_embeddings does not support model.tie_embeddings=true")
+
+    @property
+    def is_direct(self) -> bool:
+        """Whether quant.recipe is a direct-quantized-training (DQT) recipe (False for unknown names, which
+        fail with a suggestion when the model is built)."""
+        from lowbit.quant.recipes import get_recipe  # local: keeps the config import light
+
+        try:
+            return get_recipe(self.quant.recipe).direct
+        except ValueError:
+            return False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,7 +388,8 @@ _HINTS = typing.get_type_hints
 
 def _resolve(tp: Any) -> Any:
     if isinstance(tp, str):
-        return {c.__name__: c for c in (ModelConfig, DataConfig, TrainConfig, QuantConfig, RunConfig)}.get(tp, tp)
+        sections = (ModelConfig, DataConfig, TrainConfig, QuantConfig, DQTConfig, RunConfig)
+        return {c.__name__: c for c in sections}.get(tp, tp)
     return tp
 
 

@@ -53,3 +53,68 @@ def ptq_run(run_dir: str | Path, recipe: str, out: str | Path | None = None, bat
     summary = {"final": final, "ptq_of": str(run_dir), "recipe": recipe, "params": state.get("params", {})}
     ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return out
+
+
+def ternary_run(run_dir: str | Path, out: str | Path | None = None, batches: int = 50,
+                device: str = "auto") -> Path:
+    """Ternary inference from a trained model, no retraining (METHODS.md §3, "DQT 8-bit run ternary").
+
+    ``lowbit convert RUN --to ternary``: every weight the run quantizes (its DQT codes, or the float/latent
+    weight of a bf16 or QAT run) is re-quantized with BitNet's absmean ternariser, Δ = mean|W| per tensor,
+    codes = clip(round(W/Δ), −1, 1), into a ``dqt-ternary`` model (2-bit packed codes, BitNet 8-bit per-token
+    activations); embeddings, lm_head and norms are copied as they are (or ternarised too when the run used
+    ``dqt.quantize_embeddings``). The result is evaluated and written as a run directory of its own (config
+    with recipe dqt-ternary, checkpoint, log, summary), like :func:`ptq_run`."""
+    import torch
+
+    from lowbit.data import TokenShard
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.nn.direct import DirectModule, direct_modules
+    from lowbit.runs import autocast_dtype, build_model, load_run, resolve_device
+    from lowbit.train.logger import RunLogger
+
+    dev = resolve_device(device)
+    src, cfg, state = load_run(run_dir, "cpu")
+    d = cfg.to_dict()
+    d["quant"]["recipe"] = "dqt-ternary"
+    d["dqt"]["granularity"] = "auto"  # BitNet's ternariser: one absmean scale per tensor
+    new_cfg = RunConfig.from_dict(d)
+    torch.manual_seed(new_cfg.train.seed)
+    model = build_model(new_cfg, "cpu")
+    converted = {n for n, _ in direct_modules(model)}
+    for name, m in direct_modules(model):
+        s = src.get_submodule(name)
+        w = s.dequantized_weight() if isinstance(s, DirectModule) else s.weight.detach().float()
+        m.set_weight(w)
+    # everything else (embeddings, lm_head, norms, biases) as trained
+    own = model.state_dict()
+    keep = {k: v for k, v in src.state_dict().items()
+            if k in own and own[k].shape == v.shape and k.rsplit(".", 1)[0] not in converted}
+    model.load_state_dict(keep, strict=False)
+    model = model.to(dev).eval()
+    out = Path(out) if out else Path(str(run_dir).rstrip("/") + "-ternary")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    new_cfg.train.out_dir = str(out)
+    ckpt.atomic_write_text(out / "config.json", new_cfg.to_json())
+    final = {"step": state["step"], "tokens": state.get("tokens_seen")}
+    for split in ("val", "heldout"):
+        try:
+            shard = TokenShard(cfg.data.dir, split)
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
+        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, batches, dev,
+                     autocast_dtype(cfg.train.precision, dev))
+        final |= {f"{split}_loss": r["loss"], f"{split}_ppl": r["ppl"], f"{split}_bpb": r["bpb"]}
+        print(f"{split:8s} loss {r['loss']:.4f}  bits/byte {r['bpb']:.4f}  (ternary from {run_dir})")
+    logger = RunLogger(out, tensorboard=False)
+    logger.log(final, kind="eval")
+    logger.close()
+    ckpt.save_checkpoint(out, state["step"], model.cpu(), None,
+                         {"tokens_seen": state.get("tokens_seen"), "ternary_of": str(run_dir),
+                          "config": new_cfg.to_dict()})
+    summary = {"final": final, "ternary_of": str(run_dir), "recipe": "dqt-ternary",
+               "params": state.get("params", {})}
+    ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return out

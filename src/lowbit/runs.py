@@ -21,9 +21,12 @@ def apply_recipe(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """Apply ``cfg.quant.recipe`` to the model's target linears (no-op for bf16)."""
     if cfg.quant.recipe == "bf16":
         return model
-    from lowbit.nn import quantize_
+    from lowbit.nn import quantize_, quantize_direct_
 
     try:
+        if cfg.is_direct:  # DQT: weights become codes, with the run's DQT options
+            return quantize_direct_(model, cfg.quant.recipe, targets=cfg.quant.targets, skip=cfg.quant.skip,
+                                    dqt=cfg.dqt)
         return quantize_(model, cfg.quant.recipe, targets=cfg.quant.targets, skip=cfg.quant.skip)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"quant.recipe: {str(e).strip(chr(39) + chr(34))}") from None

@@ -79,7 +79,10 @@ def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path
             b.plot([p["tokens"] for p in ev], [p["val_loss"] for p in ev], marker="o", ms=3, label=label)
     a.set(title="training loss", xlabel="tokens", ylabel="loss (nats)")
     b.set(title="validation loss", xlabel="tokens", ylabel="loss (nats)")
+    from matplotlib.ticker import EngFormatter
+
     for ax in (a, b):
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -93,8 +96,8 @@ def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path
 def _label(run_dir: Path) -> str:
     p = run_dir / "config.json"
     if p.is_file():
-        cfg = json.loads(p.read_text())
-        return f"{run_dir.name} ({cfg.get('quant', {}).get('recipe', '?')})"
+        recipe = json.loads(p.read_text()).get("quant", {}).get("recipe", "?")
+        return run_dir.name if recipe == run_dir.name else f"{run_dir.name} ({recipe})"
     return run_dir.name
 
 

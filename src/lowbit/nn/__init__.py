@@ -6,6 +6,16 @@
 """
 
 from lowbit.nn.convert import DEFAULT_SKIP, DEFAULT_TARGETS, ptq_, quant_diagnostics, quantize_
+from lowbit.nn.direct import (
+    DirectModule,
+    DirectQuantEmbedding,
+    DirectQuantLinear,
+    DirectQuantRMSNorm,
+    direct_modules,
+    quantize_direct_,
+)
 from lowbit.nn.linear import QuantLinear
 
-__all__ = ["DEFAULT_SKIP", "DEFAULT_TARGETS", "QuantLinear", "ptq_", "quant_diagnostics", "quantize_"]
+__all__ = ["DEFAULT_SKIP", "DEFAULT_TARGETS", "DirectModule", "DirectQuantEmbedding", "DirectQuantLinear",
+           "DirectQuantRMSNorm", "QuantLinear", "direct_modules", "ptq_", "quant_diagnostics", "quantize_",
+           "quantize_direct_"]

@@ -47,6 +47,10 @@ def quantize_(
     or when a matching module is already a QuantLinear.
     """
     rec = get_recipe(recipe)
+    if rec.direct:  # DQT recipes store the weights as codes: DirectQuantLinear (default DQT options)
+        from lowbit.nn.direct import quantize_direct_
+
+        return quantize_direct_(model, rec, targets=targets, skip=skip)
     tgt = tuple(DEFAULT_TARGETS if targets is None else targets)
     skp = tuple(DEFAULT_SKIP if skip is None else skip)
     if rec.is_identity:
@@ -93,12 +97,17 @@ def quant_diagnostics(model: nn.Module) -> dict[str, float]:
     * ``weight_masked``, ``act_masked`` — fraction of gradient entries the estimator zeroes (QuEST trust
       mask, clipped STE), for the current weight and the last input.
 
+    Direct-quantized (DQT) layers report ``flip_rate`` (fraction of their codes the last optimizer update
+    changed) and ``weight_at_ends`` (fraction of codes at the ends of the grid) instead of the weight numbers.
+
     Cheap: one no-grad fake-quantization per weight; the activation numbers were recorded as detached
     scalars in the forward. Empty for a model without QuantLinear layers."""
+    from lowbit.nn.direct import DirectModule
+
     out: dict[str, float] = {}
     sums: dict[str, list[float]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear | DirectModule):
             for k, v in m.diagnostics().items():
                 out[f"{k}/{name}"] = v
                 sums.setdefault(k, []).append(v)

@@ -8,6 +8,8 @@
     ste-wXaY             per-row absmax, symmetric integer grid, nearest, identity gradient
     lsq-wXaY             one learned step per tensor, centered grid (LSQ)
     pact-wXaY            learned activation clip (PACT); weights as ste
+    dqt-ternary, dqt-intN (N = 2, 3, 4, 8), dqt-quest-w4a4, dqt-quest-w8a8, and each with -nearest:
+                         direct quantized training, weights stored as codes (``list_recipes(include_direct=True)``)
 
 X, Y ∈ {1, 1.58, 2, 3, 4, 8}. Where a grid does not exist at a bit width the nearest faithful one is used:
 1.58 bits always means the ternary grid {−Δ, 0, Δ} (no centered 3-level grid exists; QuEST's 1.58-bit
@@ -40,6 +42,11 @@ class Recipe:
     """Spec of the weight (None = high precision)."""
     act: QuantSpec | None
     """Spec of the layer input activation (None = high precision)."""
+    direct: bool = False
+    """Direct quantized training (DQT): the weight is stored as codes of ``weight`` and updated on its grid
+    (``lowbit.nn.DirectQuantLinear`` + ``lowbit.optim.DirectOptimizer``); no latent float weight exists."""
+    update_rounding: str = "stochastic"
+    """DQT only: how the optimizer puts an updated weight back on the grid (stochastic, or nearest = ablation)."""
 
     @property
     def is_identity(self) -> bool:
@@ -85,6 +92,38 @@ BITNET_WEIGHT = QuantSpec(1.58, "ternary", "absmean", "tensor")  # §2: s = mean
 BITNET_ACT = QuantSpec(8, "int_asym", "absmax", "row")  # §2: clip(round(x·127/m), −128, 127)·m/127
 
 
+def dqt_weight_spec(bits: float) -> QuantSpec:
+    """DQT weights (METHODS.md §3): per-tensor absmean scale, Δ = mean|W|/Qp (ternary: Δ = mean|W|), the
+    asymmetric two's-complement grid Qn = −2^(n−1) … Qp = 2^(n−1) − 1 (ternary: {−1, 0, 1}); no gradient
+    estimator — the forward uses the stored weight itself, so its gradient is exact."""
+    return QuantSpec(bits, "ternary" if bits == 1.58 else "int_asym", "absmean", "tensor", estimator="none")
+
+
+#: Bit widths of the DQT recipes: name suffix → bits.
+DQT_BITS: dict[str, float] = {"ternary": 1.58, "int2": 2, "int3": 3, "int4": 4, "int8": 8}
+
+
+def _direct_table() -> list[Recipe]:
+    table = []
+    for rounding, suffix, what in (("stochastic", "", "stochastic rounding"),
+                                   ("nearest", "-nearest", "nearest rounding (ablation)")):
+        for name, bits in DQT_BITS.items():
+            table.append(Recipe(f"dqt-{name}{suffix}", f"DQT {name}: weights stored as codes, absmean Δ per tensor "
+                                f"(frozen), AdamW update put back with {what}; BitNet 8-bit acts",
+                                dqt_weight_spec(bits), BITNET_ACT, direct=True, update_rounding=rounding))
+        for b in (4, 8):
+            table.append(Recipe(f"dqt-quest-w{b}a{b}{suffix}", f"DQT on QuEST's grid: codes of W·H (Hadamard-128), "
+                                f"α·RMS per row (frozen), {what}; QuEST {b}-bit acts with trust estimator",
+                                quest_spec(b).replace(estimator="none"), quest_spec(b), direct=True,
+                                update_rounding=rounding))
+    return table
+
+
+@functools.cache
+def _direct_registry() -> dict[str, Recipe]:
+    return {r.name: r for r in _direct_table()}
+
+
 @functools.cache
 def _registry() -> dict[str, Recipe]:
     # built on first use (cheap, but nothing at import)
@@ -112,16 +151,18 @@ def _registry() -> dict[str, Recipe]:
     return {r.name: r for r in table}
 
 
-def list_recipes() -> list[str]:
-    """All registered recipe names, in table order."""
-    return list(_registry())
+def list_recipes(include_direct: bool = False) -> list[str]:
+    """Registered recipe names, in table order: the QAT recipes (a latent float weight, ``quantize_``), plus,
+    with ``include_direct``, the DQT ones (weights stored as codes; they need ``lowbit.optim.DirectOptimizer``
+    rather than a plain torch optimizer)."""
+    return list(_registry()) + (list(_direct_registry()) if include_direct else [])
 
 
 def get_recipe(name: str | Recipe) -> Recipe:
     """The recipe called ``name`` (a Recipe is passed through). Unknown → ValueError with a suggestion."""
     if isinstance(name, Recipe):
         return name
-    reg = _registry()
+    reg = _registry() | _direct_registry()
     key = name.strip().lower()
     if key in reg:
         return reg[key]

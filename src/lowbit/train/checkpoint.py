@@ -87,6 +87,8 @@ def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str
 
 
 def optimizer_to_flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    if hasattr(opt, "to_flat"):  # composite optimizers (lowbit.optim.DirectOptimizer) name their own tensors
+        return opt.to_flat(model)
     sd = opt.state_dict()
     names = _param_names(model, opt)
     tensors: dict[str, torch.Tensor] = {}
@@ -104,6 +106,8 @@ def optimizer_to_flat(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tup
 
 def optimizer_from_flat(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                         meta: dict) -> None:
+    if hasattr(opt, "from_flat"):
+        return opt.from_flat(model, tensors, meta)
     names = _param_names(model, opt)
     index = {n: i for i, n in enumerate(names)}
     saved_groups = meta["param_groups"]

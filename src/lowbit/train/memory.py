@@ -1,7 +1,9 @@
 """Training-memory breakdown, measured rather than estimated.
 
 Components: weights (parameters and persistent buffers, e.g. low-bit codes and scales), gradients, optimizer
-state, and the activation peak of one forward/backward.
+state, and the activation peak of one forward/backward. Direct quantized training (DQT) counts the same way:
+its packed codes, scales and format words are buffers (weights), the gradients its layers stash until the
+optimizer step are gradients, and the DQT moments are entries of the optimizer's ``state`` (optimizer).
 
 * On CUDA the activation peak is ``torch.cuda.max_memory_allocated`` during a training step minus what was
   allocated before it (weights, gradients, optimizer state).
@@ -43,7 +45,20 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def grad_bytes(model: nn.Module) -> int:
-    return sum(_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    """Parameter gradients plus the weight gradients that direct-quantized (DQT) layers stash until the
+    optimizer step (``weight_grad``; none exist with dqt.update_in_backward)."""
+    total = sum(_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    for m in model.modules():
+        g = getattr(m, "weight_grad", None) if getattr(m, "direct", False) else None
+        if isinstance(g, torch.Tensor):
+            total += _bytes(g)
+    return total
+
+
+def param_count(model: nn.Module) -> int:
+    """Trainable numbers: parameters plus the weights DQT layers hold as codes (buffers, not parameters)."""
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum(m.weight_numel for m in model.modules() if getattr(m, "direct", False))
 
 
 def optimizer_bytes(opt: torch.optim.Optimizer | None) -> int:

@@ -31,8 +31,18 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups`; the fused CUDA kernel when on GPU (one launch for all tensors)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device, dqt=None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; the fused CUDA kernel when on GPU (one launch for all tensors).
+
+    A model with direct-quantized (DQT) layers gets a :class:`lowbit.optim.DirectOptimizer` instead: the same
+    AdamW for its float parameters plus the DQT update for the layers stored as codes, as one object
+    (``dqt``: the run's :class:`lowbit.config.DQTConfig`, default options when None)."""
+    from lowbit.nn.direct import direct_modules
+
+    if direct_modules(model):
+        from lowbit.optim.dqt import build_direct_optimizer
+
+        return build_direct_optimizer(model, cfg, device, dqt)  # type: ignore[return-value]
     fused = cfg.fused_adamw and device.type == "cuda"
     return torch.optim.AdamW(
         param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None

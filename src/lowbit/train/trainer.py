@@ -33,6 +33,7 @@ from lowbit.train.memory import (
     count_saved_activations,
     grad_bytes,
     optimizer_bytes,
+    param_count,
     weight_bytes,
 )
 from lowbit.train.optim import build_optimizer, lr_at, set_lr
@@ -91,7 +92,8 @@ class Trainer:
             if not overwrite:
                 raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it, --overwrite "
                                   f"to start over (deletes it), or choose another train.out_dir")
-            for name in ("ckpt", "tb", "log.jsonl", "eval.json", "config.json", "loss.png", "summary.json"):
+            for name in ("ckpt", "tb", "log.jsonl", "eval.json", "config.json", "loss.png", "summary.json",
+                         "flip_rate.png"):
                 p = self.out / name
                 if p.is_dir():
                     shutil.rmtree(p)
@@ -119,7 +121,7 @@ class Trainer:
         random.seed(cfg.train.seed)
         self.model = build_model(cfg, self.device)
         self.model.train()
-        self.opt = build_optimizer(self.model, cfg.train, self.device)
+        self.opt = build_optimizer(self.model, cfg.train, self.device, dqt=cfg.dqt)
         self.fwd = torch.compile(self.model) if cfg.train.compile else self.model
         self.loader = BatchLoader(self.train_shard, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.data.seed,
                                   device=self.device)
@@ -135,6 +137,10 @@ class Trainer:
             self.tokens_seen = 0
         self.logger = RunLogger(self.out, tensorboard=cfg.train.tensorboard, truncate_after=self.step)
         self.params = param_counts(self.model)
+        if cfg.is_direct:  # DQT weights are codes (buffers): count them as the parameters they stand for
+            from lowbit.nn.direct import add_direct_param_counts
+
+            self.params = add_direct_param_counts(self.model, self.params)
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -187,7 +193,10 @@ class Trainer:
             loss.backward()
             total += loss.detach()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(self.opt, "clip_grad_norm_"):  # DQT: stashed/in-backward gradients are not .grad
+            gnorm = self.opt.clip_grad_norm_(clip)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss_f, gnorm_f = float(total), float(gnorm)  # one sync per step: NaN detection needs it
         if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
             raise TrainingDiverged(f"step {self.step + 1}: loss={loss_f}, grad norm={gnorm_f}; "
@@ -202,7 +211,7 @@ class Trainer:
                 method = "cuda allocator peak"
             self.opt.step()  # creates the optimizer state, so it is counted below
             w, o = weight_bytes(self.model), optimizer_bytes(self.opt)
-            self.memory = MemoryReport(sum(p.numel() for p in self.model.parameters()), w, g, o, act_bytes, method)
+            self.memory = MemoryReport(param_count(self.model), w, g, o, act_bytes, method)
         else:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -311,6 +320,13 @@ class Trainer:
             plot_runs([self.out], self.out / "loss.png")
         except Exception as e:  # a plot must never lose a finished run
             print(f"warning: could not draw the loss curve: {e}")
+        if self.cfg.is_direct:
+            try:
+                from lowbit.optim.metrics import plot_flip_rates
+
+                plot_flip_rates([self.out], self.out / "flip_rate.png")
+            except Exception as e:
+                print(f"warning: could not draw the flip rates: {e}")
         return summary
 
 

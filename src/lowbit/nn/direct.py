@@ -1,0 +1,461 @@
+"""Direct quantized training (DQT, METHODS.md §3): layers whose weights exist only as low-bit codes.
+
+``DirectQuantLinear`` replaces an ``nn.Linear`` with
+
+* ``weight_codes`` — the codes of the weight, packed as :mod:`lowbit.quant.packing` documents (int8 at 8 bits;
+  2-bit codes 4 per byte for ternary / 2-bit; 4-bit codes 2 per byte for 3- and 4-bit);
+* ``weight_scale`` — the step Δ, float32, one per tensor (default), per output row, or per group along K;
+* ``weight_format`` — int32 ``[PACK_VERSION, storage bits, qmin, levels, K]``, checked when a checkpoint loads.
+
+There is no ``weight`` parameter and no float copy of it anywhere: the forward dequantizes the codes on the
+fly (value = (code + offset)·Δ, :func:`lowbit.quant.dequantize`), multiplies, and lets the transient go. The
+backward recomputes that transient, so the gradient to the input is exact through the low-bit weight (no
+straight-through estimator for the weight), and computes the weight gradient gᵀx, which it *delivers*:
+either stashed on the module (``weight_grad``, float32, until the optimizer's step — the analogue of
+``.grad``) or handed straight to the optimizer's ``grad_hook`` (``dqt.update_in_backward``), which updates
+the codes there and then, so no full-model gradient buffer ever exists. The weight update itself (AdamW +
+stochastic rounding onto the grid) lives in :mod:`lowbit.optim.dqt`.
+
+Activations use the recipe's activation spec exactly as :class:`lowbit.nn.QuantLinear` does (default BitNet
+per-token absmax 8-bit with STE; any non-learned QuantSpec). QuEST's grid (``dqt-quest-*``): the codes are of
+W·H (block Hadamard along K); when the activation spec rotates with the same block the product is taken in
+the rotated domain, (Q(XH))(WH)ᵀ, as QuEST does, and the weight gradient is already in the codes' domain.
+
+The reference code also quantizes embeddings, lm_head and the norm gains; ``dqt.quantize_embeddings`` does
+the same here with :class:`DirectQuantEmbedding` and :class:`DirectQuantRMSNorm` (same storage, same update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from lowbit.quant import QuantSpec, dequantize, fake_quantize, hadamard, quantize, snr_db
+from lowbit.quant.core import Stats
+from lowbit.quant.packing import PACK_VERSION, pack, storage_bits, unpack
+
+GradHook = Callable[["DirectModule", torch.Tensor], None]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x runs in: the autocast dtype when autocast is on for x's device, else x's."""
+    dt = x.device.type
+    if dt in ("cpu", "cuda") and torch.is_autocast_enabled(dt):
+        return torch.get_autocast_dtype(dt)
+    return x.dtype
+
+
+class DirectModule(nn.Module):
+    """Shared storage and gradient delivery of the direct-quantized layers (one weight each)."""
+
+    direct = True  # duck-typed marker used by memory accounting and the optimizer
+
+    def _init_storage(self, weight: torch.Tensor, spec: QuantSpec, update_rounding: str = "stochastic") -> None:
+        if spec.learned:
+            raise ValueError(f"DQT weights need a rule-based scale, not {spec.scale!r}")
+        if weight.dim() < 1:
+            raise ValueError("DQT stores tensors of at least one dimension")
+        self.weight_spec = spec
+        # the codes' own domain: already rotated when spec.hadamard, so no further rotation
+        self.store_spec = spec.replace(hadamard=False)
+        self.update_rounding = update_rounding
+        self.weight_shape = tuple(weight.shape)
+        info = spec.info
+        codes, step = quantize(weight.detach(), spec)  # nearest rounding onto the grid, Δ from the spec's rule
+        dev = weight.device
+        self.register_buffer("weight_codes", pack(codes, info.qmin, info.levels))
+        self.register_buffer("weight_scale", step.contiguous())
+        fmt = [PACK_VERSION, storage_bits(info.levels), info.qmin, info.levels, self.weight_shape[-1]]
+        self.register_buffer("weight_format", torch.tensor(fmt, dtype=torch.int32, device=dev))
+        self.weight_grad: torch.Tensor | None = None  # stashed gradient (float32, stored domain)
+        self.grad_hook: GradHook | None = None  # set by DirectOptimizer for update-in-backward
+        self.last_flips: torch.Tensor | None = None  # codes changed by the last update (int64 scalar)
+        self.register_load_state_dict_post_hook(_check_format)
+
+    # ---- storage ------------------------------------------------------------------------------------------
+    @property
+    def weight_numel(self) -> int:
+        """Number of weights the codes stand for (the logical parameter count)."""
+        n = 1
+        for s in self.weight_shape:
+            n *= s
+        return n
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes, unpacked, of the weight's shape (in the Hadamard domain for QuEST grids)."""
+        info = self.weight_spec.info
+        return unpack(self.weight_codes, info.qmin, info.levels, self.weight_shape[-1])
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor, step: torch.Tensor | None = None, *, check: bool = True) -> None:
+        """Store new codes (int8, the weight's shape, within the grid) and optionally a new step Δ."""
+        if tuple(codes.shape) != self.weight_shape:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} for a weight of shape {self.weight_shape}")
+        info = self.weight_spec.info
+        self.weight_codes.copy_(pack(codes, info.qmin, info.levels, check=check))
+        if step is not None:
+            self.weight_scale.copy_(step.reshape(self.weight_scale.shape))
+
+    def weight_values(self, dtype: torch.dtype = torch.float32, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """(code + offset)·Δ in the codes' domain (rotated for QuEST grids), as ``dtype``. A transient."""
+        c = self.codes() if codes is None else codes
+        return dequantize(c, self.weight_scale, self.store_spec).to(dtype)
+
+    @torch.no_grad()
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with, float32, in the original domain (rotated back). For export,
+        conversion and tests; training never builds it."""
+        w = self.weight_values()
+        return hadamard(w, self.weight_spec.hadamard_block) if self.weight_spec.hadamard else w
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Re-quantize from a float weight (original domain) with the spec's rule and nearest rounding."""
+        codes, step = quantize(weight.to(self.weight_codes.device), self.weight_spec)
+        self.set_codes(codes, step)
+
+    # ---- gradient delivery --------------------------------------------------------------------------------
+    def deliver_grad(self, grad: torch.Tensor) -> None:
+        """Called from backward with the weight gradient (float32, the codes' domain)."""
+        if self.grad_hook is not None:
+            self.grad_hook(self, grad)
+        elif self.weight_grad is None:
+            self.weight_grad = grad
+        else:
+            self.weight_grad.add_(grad)  # gradient accumulation over micro-batches
+
+    # ---- diagnostics --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def weight_diagnostics(self) -> dict[str, float]:
+        """``flip_rate`` (fraction of codes the last update changed) and ``weight_at_ends`` (fraction of codes
+        at qmin or qmax: the clipped share; ≈ 42 % of a Gaussian at init with the reference 8-bit scale)."""
+        out: dict[str, float] = {}
+        if self.last_flips is not None:
+            out["flip_rate"] = float(self.last_flips) / self.weight_numel
+        c = self.codes()
+        info = self.weight_spec.info
+        out["weight_at_ends"] = float(((c == info.qmin) | (c == info.qmax)).float().mean())
+        return out
+
+    def _storage_repr(self) -> str:
+        sb = storage_bits(self.weight_spec.info.levels)
+        return f"weight=[{self.weight_spec.short()}] stored {sb}-bit, update={self.update_rounding}"
+
+
+def _check_format(module: nn.Module, incompatible_keys: object) -> None:
+    fmt = getattr(module, "weight_format", None)
+    if not isinstance(fmt, torch.Tensor) or fmt.device.type == "meta":
+        return
+    info = module.weight_spec.info
+    want = [PACK_VERSION, storage_bits(info.levels), info.qmin, info.levels, module.weight_shape[-1]]
+    got = [int(v) for v in fmt.tolist()]
+    if got != want:
+        raise RuntimeError(f"packed weight format {got} (version, storage bits, qmin, levels, K) does not match "
+                           f"this layer's {want}: the checkpoint was written for another grid or format")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autograd: the weight gradient goes to the module, never to a Parameter
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _DirectLinearFn(torch.autograd.Function):
+    """y = x·Wᵀ with W dequantized from the codes (forward and again in backward: nothing weight-sized is
+    saved). ``anchor`` is an empty tensor that requires grad, so backward runs even when x does not."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantLinear, rotate_back: bool):
+        cdt = _compute_dtype(x)
+        w = mod._matmul_weight(cdt, rotate_back)  # (N, K)
+        xc = x.to(cdt)
+        ctx.save_for_backward(xc)
+        ctx.mod, ctx.rotate_back, ctx.cdt, ctx.x_dtype = mod, rotate_back, cdt, x.dtype
+        return xc @ w.t()  # (…, K) @ (K, N) → (…, N)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        (xc,) = ctx.saved_tensors
+        mod: DirectQuantLinear = ctx.mod
+        g = gy.to(ctx.cdt)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            w = mod._matmul_weight(ctx.cdt, ctx.rotate_back)
+            gx = (g @ w).to(ctx.x_dtype)  # exact gradient through the low-bit weight
+            del w
+        n, k = mod.out_features, mod.in_features
+        gw = (g.reshape(-1, n).t() @ xc.reshape(-1, k)).float()  # (N, K) = gᵀx
+        if ctx.rotate_back:  # W = W_s·H ⇒ dL/dW_s = dL/dW·H (H symmetric)
+            gw = hadamard(gw, mod.weight_spec.hadamard_block)
+        mod.deliver_grad(gw)
+        return gx, None, None, None
+
+
+class _DirectScaleFn(torch.autograd.Function):
+    """y = n ⊙ g with the gain g dequantized from the codes (RMSNorm's weight)."""
+
+    @staticmethod
+    def forward(ctx, n: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantRMSNorm):
+        g = mod.weight_values(n.dtype)
+        ctx.save_for_backward(n)
+        ctx.mod = mod
+        return n * g
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        (n,) = ctx.saved_tensors
+        mod: DirectQuantRMSNorm = ctx.mod
+        gn = gy * mod.weight_values(gy.dtype) if ctx.needs_input_grad[0] else None
+        gg = (gy.float() * n.float()).reshape(-1, n.shape[-1]).sum(0)
+        mod.deliver_grad(gg)
+        return gn, None, None
+
+
+class _DirectEmbeddingFn(torch.autograd.Function):
+    """Row lookup from the codes (only the rows used are unpacked); gradient index-added into a table."""
+
+    @staticmethod
+    def forward(ctx, idx: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantEmbedding):
+        ctx.save_for_backward(idx)
+        ctx.mod = mod
+        return mod._lookup(idx)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        mod: DirectQuantEmbedding = ctx.mod
+        d = mod.embedding_dim
+        table = torch.zeros(mod.weight_shape, dtype=torch.float32, device=gy.device)
+        table.index_add_(0, idx.reshape(-1), gy.reshape(-1, d).float())
+        if mod.weight_spec.hadamard:
+            table = hadamard(table, mod.weight_spec.hadamard_block)
+        mod.deliver_grad(table)
+        return None, None, None
+
+
+def _anchor(ref: torch.Tensor) -> torch.Tensor | None:
+    if not torch.is_grad_enabled():
+        return None
+    return torch.empty(0, device=ref.device, requires_grad=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layers
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DirectQuantLinear(DirectModule):
+    """A Linear layer whose weight is stored as low-bit codes and trained directly (DQT); see the module
+    docstring. ``bias`` (if any) stays a float Parameter, trained by AdamW."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: nn.Parameter | None = None,
+        *,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec | None = None,
+        update_rounding: str = "stochastic",
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"DirectQuantLinear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        if act_spec is not None and act_spec.learned:
+            raise ValueError(f"DirectQuantLinear does not support learned activation scales ({act_spec.scale})")
+        self.out_features, self.in_features = weight.shape
+        self._init_storage(weight, weight_spec, update_rounding)
+        self.register_parameter("bias", bias)
+        self.act_spec = act_spec
+        self.track_stats = True
+        self.last_stats: Stats = {}
+        self.shared_rotation = bool(
+            weight_spec.hadamard and act_spec is not None and act_spec.hadamard
+            and act_spec.hadamard_block == weight_spec.hadamard_block
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None,
+                    update_rounding: str = "stochastic") -> DirectQuantLinear:
+        """Quantize ``linear.weight`` onto the grid (nearest, scale from the spec's rule) and drop it; the
+        bias Parameter (if any) is kept as is."""
+        new = cls(linear.weight, linear.bias, weight_spec=weight_spec, act_spec=act_spec,
+                  update_rounding=update_rounding)
+        new.train(linear.training)
+        return new
+
+    def _matmul_weight(self, dtype: torch.dtype, rotate_back: bool) -> torch.Tensor:
+        w = self.weight_values(torch.float32 if rotate_back else dtype)
+        return hadamard(w, self.weight_spec.hadamard_block).to(dtype) if rotate_back else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rot = self.shared_rotation
+        if self.act_spec is not None:
+            stats: Stats | None = {} if self.track_stats else None
+            x = fake_quantize(x, self.act_spec, stats=stats, rotated=rot)
+            if stats is not None:
+                self.last_stats = stats
+        rotate_back = self.weight_spec.hadamard and not rot
+        y = _DirectLinearFn.apply(x, _anchor(x), self, rotate_back)
+        return y if self.bias is None else y + self.bias
+
+    def diagnostics(self) -> dict[str, float]:
+        """Weight flip rate and clipped share, plus the last input's SNR and masked fraction (as QuantLinear)."""
+        out = self.weight_diagnostics()
+        st, spec = self.last_stats, self.act_spec
+        if spec is not None and st:
+            out["act_snr_db"] = snr_db(st["signal"], st["noise"])
+            if spec.estimator in ("trust", "clipped_ste"):
+                out["act_masked"] = float(st["masked"])
+        return out
+
+    def extra_repr(self) -> str:
+        a = self.act_spec.short() if self.act_spec else "-"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._storage_repr()}, act=[{a}]")
+
+
+class DirectQuantEmbedding(DirectModule):
+    """``nn.Embedding`` on codes (``dqt.quantize_embeddings``): a lookup unpacks only the rows it needs."""
+
+    def __init__(self, weight: torch.Tensor, *, weight_spec: QuantSpec, update_rounding: str = "stochastic"):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self._init_storage(weight, weight_spec, update_rounding)
+
+    def _lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        info = self.weight_spec.info
+        rows = unpack(self.weight_codes[idx], info.qmin, info.levels, self.embedding_dim)  # (…, d)
+        scale = self.weight_scale if self.weight_scale.dim() == 0 else self.weight_scale[idx]
+        v = dequantize(rows, scale, self.store_spec)
+        return hadamard(v, self.weight_spec.hadamard_block) if self.weight_spec.hadamard else v
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return _DirectEmbeddingFn.apply(idx, _anchor(self.weight_codes), self)
+
+    def diagnostics(self) -> dict[str, float]:
+        return self.weight_diagnostics()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._storage_repr()}"
+
+
+class DirectQuantRMSNorm(DirectModule):
+    """RMSNorm whose gain is stored as codes (``dqt.quantize_embeddings``, as the reference code does):
+    y = g ⊙ x/√(mean(x²) + eps), normalised in float32 like :class:`lowbit.models.llama.RMSNorm`."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, *, weight_spec: QuantSpec,
+                 update_rounding: str = "stochastic"):
+        super().__init__()
+        self.eps = eps
+        self._init_storage(weight, weight_spec, update_rounding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return _DirectScaleFn.apply(n, _anchor(x), self)
+
+    def diagnostics(self) -> dict[str, float]:
+        return self.weight_diagnostics()
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_shape[0]}, eps={self.eps}, {self._storage_repr()}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# applying a DQT recipe to a model, and finding the layers again
+# ----------------------------------------------------------------------------------------------------------
+
+
+def direct_modules(model: nn.Module) -> list[tuple[str, DirectModule]]:
+    """(qualified name, module) of every direct-quantized layer, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DirectModule)]
+
+
+def _is_rmsnorm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    return type(m).__name__.endswith("RMSNorm") and isinstance(w, nn.Parameter) and w.dim() == 1
+
+
+def quantize_direct_(
+    model: nn.Module,
+    recipe: str | object,
+    *,
+    targets: Iterable[str] | None = None,
+    skip: Iterable[str] | None = None,
+    dqt: object | None = None,
+) -> nn.Module:
+    """Swap, in place, the selected ``nn.Linear`` layers for :class:`DirectQuantLinear` (the weight is
+    quantized with nearest rounding and dropped). ``targets``/``skip`` as :func:`lowbit.nn.quantize_`.
+    ``dqt``: a :class:`lowbit.config.DQTConfig` — ``granularity``/``group_size`` override the recipe's scale
+    granularity; ``quantize_embeddings`` also converts lm_head, every ``nn.Embedding`` and every RMSNorm gain
+    (whatever ``skip`` says), with the recipe's weight grid minus any Hadamard rotation (norm gains: per
+    tensor). Returns ``model``."""
+    from lowbit.config import DQTConfig
+    from lowbit.nn.convert import DEFAULT_SKIP, DEFAULT_TARGETS, _matches
+    from lowbit.nn.linear import QuantLinear
+    from lowbit.quant.recipes import get_recipe
+
+    rec = get_recipe(recipe)  # type: ignore[arg-type]
+    if not rec.direct:
+        raise ValueError(f"recipe {rec.name!r} is not a direct-quantized-training (dqt-*) recipe; use quantize_")
+    opts = dqt if dqt is not None else DQTConfig()
+    tgt = tuple(DEFAULT_TARGETS if targets is None else targets)
+    skp = tuple(DEFAULT_SKIP if skip is None else skip)
+    wspec = rec.weight
+    if opts.granularity != "auto":
+        wspec = wspec.replace(granularity=opts.granularity, group_size=opts.group_size)
+    if direct_modules(model):
+        raise ValueError("the model already holds direct-quantized layers; build it afresh to change its recipe")
+    chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, tgt, skp)]
+    for n, m in chosen:
+        if isinstance(m, QuantLinear):
+            raise ValueError(f"{n} is already a QuantLinear; build the model afresh to change its recipe")
+    names = {n for n, _ in chosen}
+    extra: list[tuple[str, nn.Module]] = []
+    if opts.quantize_embeddings:
+        extra = [(n, m) for n, m in model.named_modules() if n not in names and (
+            (type(m) is nn.Linear and n.rsplit(".", 1)[-1] == "lm_head") or type(m) is nn.Embedding
+            or _is_rmsnorm(m))]
+    if not chosen and not extra:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"recipe {rec.name!r}: no nn.Linear matches targets={list(tgt)} minus skip={list(skp)}; "
+                         f"the model's Linear layers are {linears[:8]}{' …' if len(linears) > 8 else ''}")
+    side = wspec.replace(hadamard=False)  # embeddings, lm_head and gains: no rotation
+    for name, mod in chosen + extra:
+        if isinstance(mod, nn.Linear):
+            spec = wspec if name in names else side
+            new: nn.Module = DirectQuantLinear.from_linear(mod, spec, rec.act, rec.update_rounding)
+        elif isinstance(mod, nn.Embedding):
+            new = DirectQuantEmbedding(mod.weight, weight_spec=side, update_rounding=rec.update_rounding)
+        else:
+            eps = getattr(mod, "eps", getattr(mod, "variance_epsilon", 1e-6))
+            new = DirectQuantRMSNorm(mod.weight, eps, weight_spec=side.replace(granularity="tensor"),
+                                     update_rounding=rec.update_rounding)
+        new.train(mod.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
+
+
+def add_direct_param_counts(model: nn.Module, counts: dict[str, int]) -> dict[str, int]:
+    """``param_counts`` plus the weights that live as codes (which are buffers, not parameters): embedding
+    and lm_head codes count as embedding parameters, the rest as non-embedding."""
+    out = dict(counts)
+    for name, m in direct_modules(model):
+        key = "embedding" if ("embed_tokens" in name or "lm_head" in name) else "non_embedding"
+        out[key] = out.get(key, 0) + m.weight_numel
+        out["total"] = out.get("total", 0) + m.weight_numel
+    return out
+
+
+__all__ = [
+    "DirectModule",
+    "DirectQuantEmbedding",
+    "DirectQuantLinear",
+    "DirectQuantRMSNorm",
+    "add_direct_param_counts",
+    "direct_modules",
+    "quantize_direct_",
+]

@@ -1,0 +1,491 @@
+"""The DQT optimizer: update low-bit weights on their grid, one tensor at a time, with stochastic rounding.
+
+Direct quantized training (METHODS.md §3) keeps no full-precision copy of the weights. For each
+direct-quantized tensor (``lowbit.nn.DirectQuantLinear`` & co.), one at a time, in float32 scratch that is
+freed before the next tensor:
+
+    W   = (codes + offset)·Δ                                   dequantize the stored codes
+    m   = β1·m + (1−β1)·g,   v = β2·v + (1−β2)·g²               AdamW moments (precision: dqt.state_dtype)
+    W  ← W·(1 − lr·wd)                                          decoupled weight decay (torch.optim.AdamW order)
+    W  ← W − lr/(1−β1^t) · m / (√v/√(1−β2^t) + ε)
+    Δ' = Δ (frozen) | rule(W) (recompute) | max(W_before)/top (signed_max, the reference SR rescale)
+    codes = clamp(floor(W/Δ' + offset + u) − 2·offset, qmin, qmax)     stochastic rounding, u ~ U[0,1)
+          (nearest rounding for the ``-nearest`` recipes: the ablation)
+
+The rounding is :func:`lowbit.quant.quantize` itself (one quantizer body), with the uniforms ``u`` supplied by
+:func:`lowbit.rng.counter_uniform` — a pure function of (seed, step t of this tensor, CRC-32 of the tensor's
+name, element index) — so the update is the same on any device, after a resume, and in a sharded run that
+passes its shard's global indices. E[codes·Δ'] = W inside the grid (unbiased); only clipping at the ends
+biases it.
+
+Rules (``dqt.optimizer``): ``adamw`` (above), ``sgd`` (momentum buffer b = β1·b + g, W ← W(1−lr·wd) − lr·b),
+``adafactor`` (AdamW's m, with v of a matrix factored into row and column means of g², Shazeer & Stern 2018:
+v̂ = r cᵀ / mean(r); 1-D tensors keep a full v). State precision (``dqt.state_dtype``): float32, bfloat16, or
+8-bit blockwise (:mod:`lowbit.optim.blockwise`); the factored row/column statistics stay float32.
+
+Update in backward (``dqt.update_in_backward``): each module's backward hands its gradient to
+:meth:`DirectOptimizer._backward_update`, which clips it (per tensor, or by the previous step's global norm)
+and applies the update immediately, so no full-model gradient buffer exists; gradient accumulation is then
+impossible (refused by the config). Otherwise gradients are stashed on the modules, clipped by the global
+norm over all gradients (float and stashed), and applied in :meth:`DirectOptimizer.step`.
+
+Float parameters (embeddings, lm_head, norms, biases, unless quantized too) are trained by an ordinary
+``torch.optim.AdamW`` inside the same object, so the trainer sees ONE optimizer: ``step``, ``zero_grad``,
+``param_groups`` (the last group is the DQT one; setting its ``lr`` sets the DQT learning rate), ``state``
+(every tensor of state, for memory accounting), ``state_dict``/``load_state_dict`` and the flat safetensors
+path of :mod:`lowbit.train.checkpoint` (``to_flat``/``from_flat``, keyed by name).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.nn.direct import DirectModule, direct_modules
+from lowbit.optim import blockwise
+from lowbit.quant import dequantize, quantize
+from lowbit.quant.core import _groups
+from lowbit.quant.packing import pack, unpack
+from lowbit.rng import RNG_VERSION, counter_uniform, stream_id
+
+RULES = ("adamw", "sgd", "adafactor")
+STATE_DTYPES = ("fp32", "bf16", "8bit")
+SCALE_POLICIES = ("frozen", "recompute", "signed_max")
+CLIP_MODES = ("tensor", "previous")
+FLAT_PREFIX = "dqt."
+_STAT_ROWS = 256  # rows per pass of Adafactor's row/column statistics
+FLAT_VERSION = 1
+
+
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    """Σ g² in float32 without a full-size temporary."""
+    return torch.linalg.vector_norm(g, dtype=torch.float32).square()
+
+
+def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+
+
+class DirectOptimizer:
+    """AdamW for the float parameters + the DQT update for the direct-quantized modules, as one optimizer.
+
+    ``modules``: (name, module) pairs (:func:`lowbit.nn.direct_modules`); ``float_optimizer``: the optimizer of
+    the remaining float parameters (None if there are none). Hyper-parameters as the module docstring says;
+    ``weight_decay`` applies to matrices of the blocks, and to embedding/lm_head codes only with
+    ``decay_embeddings``; 1-D tensors (norm gains) are never decayed. ``grad_clip``: the max norm (0 = off).
+    ``chunk_elems``: rows of a tensor are updated in chunks of about this many values (the only float32
+    scratch), with identical results for any chunking.
+    """
+
+    def __init__(
+        self,
+        modules: list[tuple[str, DirectModule]],
+        float_optimizer: torch.optim.Optimizer | None = None,
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decay_embeddings: bool = False,
+        grad_clip: float = 0.0,
+        rule: str = "adamw",
+        state_dtype: str = "fp32",
+        scale: str = "frozen",
+        scale_every: int = 1,
+        update_in_backward: bool = False,
+        clip: str = "tensor",
+        seed: int = 0,
+        chunk_elems: int | None = None,
+    ) -> None:
+        _check("rule", rule, RULES)
+        _check("state_dtype", state_dtype, STATE_DTYPES)
+        _check("scale", scale, SCALE_POLICIES)
+        _check("clip", clip, CLIP_MODES)
+        if not modules:
+            raise ValueError("DirectOptimizer needs at least one direct-quantized module")
+        self.modules = list(modules)
+        self.float_opt = float_optimizer
+        self.rule, self.state_dtype, self.scale, self.scale_every = rule, state_dtype, scale, scale_every
+        self.update_in_backward, self.clip_mode, self.grad_clip, self.seed = update_in_backward, clip, grad_clip, seed
+        self.chunk_elems = chunk_elems  # float32 scratch per chunk (None: 2^16 values on CPU, 2^24 on GPU)
+        self.dqt_group: dict[str, Any] = {
+            "params": [], "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+            "dqt": True, "modules": [n for n, _ in self.modules],
+        }
+        self._decays = {n: self._decayed(n, m, decay_embeddings) for n, m in self.modules}
+        self._streams = {n: stream_id(n + ".weight") for n, _ in self.modules}
+        self._names = {id(m): n for n, m in self.modules}
+        self.dqt_state: dict[str, dict[str, Any]] = {n: {"step": 0} for n, _ in self.modules}
+        self.prev_norm: torch.Tensor | None = None  # global gradient norm of the previous step (clip=previous)
+        self._bwd_sq: list[torch.Tensor] = []  # squared gradient norms seen in backward this step
+        for _, m in self.modules:
+            m.grad_hook = self._backward_update if update_in_backward else None
+
+    @staticmethod
+    def _decayed(name: str, m: DirectModule, decay_embeddings: bool) -> bool:
+        if len(m.weight_shape) < 2:
+            return False
+        return decay_embeddings or not ("embed_tokens" in name or "lm_head" in name)
+
+    # ---- the optimizer interface the trainer uses ---------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return (list(self.float_opt.param_groups) if self.float_opt is not None else []) + [self.dqt_group]
+
+    @property
+    def state(self) -> dict[Any, dict[str, Any]]:
+        """Every piece of optimizer state, float parameters' (keyed by parameter) and DQT modules' (keyed
+        ``"dqt:<name>"``): what memory accounting counts."""
+        out: dict[Any, dict[str, Any]] = dict(self.float_opt.state) if self.float_opt is not None else {}
+        out |= {f"dqt:{n}": st for n, st in self.dqt_state.items()}
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.float_opt is not None:
+            self.float_opt.zero_grad(set_to_none=set_to_none)
+        for _, m in self.modules:
+            if set_to_none or m.weight_grad is None:
+                m.weight_grad = None
+            else:
+                m.weight_grad.zero_()
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        if closure is not None:
+            raise ValueError("DirectOptimizer.step takes no closure")
+        if not self.update_in_backward:
+            for n, m in self.modules:
+                if m.weight_grad is not None:
+                    self._update(n, m, m.weight_grad)
+        if self.float_opt is not None:
+            self.float_opt.step()
+
+    def _float_grads(self) -> list[torch.Tensor]:
+        if self.float_opt is None:
+            return []
+        return [p.grad for g in self.float_opt.param_groups for p in g["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip and return the global gradient norm (before clipping), float parameters and DQT tensors alike.
+
+        Stashed gradients: the usual global-norm clipping, coefficient min(1, max_norm/(norm + 1e-6)) as
+        ``torch.nn.utils.clip_grad_norm_``. Update in backward: the DQT tensors were clipped as they went (see
+        ``dqt.clip``); float gradients get the same treatment here, and the norm (of the unclipped gradients)
+        is remembered for clip=previous."""
+        fg = self._float_grads()
+        dev = self.modules[0][1].weight_codes.device
+        f_sq = [_sq_norm(g) for g in fg]
+        if not self.update_in_backward:
+            grads = fg + [m.weight_grad for _, m in self.modules if m.weight_grad is not None]
+            sq = f_sq + [_sq_norm(g) for g in grads[len(fg):]]
+            total = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=dev)
+            if math.isfinite(max_norm) and max_norm > 0:
+                coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+                for g in grads:
+                    g.mul_(coef.to(g.dtype))
+            return total
+        for g, s in zip(fg, f_sq, strict=True):
+            coef = self._clip_coef(s, max_norm)
+            if coef is not None:
+                g.mul_(coef.to(g.dtype))
+        sq = f_sq + [s.to(dev) for s in self._bwd_sq]
+        self._bwd_sq = []
+        total = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=dev)
+        self.prev_norm = total.detach().clone()
+        return total
+
+    def _clip_coef(self, sq: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+        """Clip coefficient in update-in-backward mode (None = no clipping)."""
+        if not (math.isfinite(max_norm) and max_norm > 0):
+            return None
+        if self.clip_mode == "previous" and self.prev_norm is not None:
+            return (max_norm / (self.prev_norm.to(sq.device) + 1e-6)).clamp(max=1.0)
+        return (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # per tensor (and the first step of "previous")
+
+    def _backward_update(self, mod: DirectModule, grad: torch.Tensor) -> None:
+        """grad_hook of every module in update-in-backward mode: clip, update, forget the gradient."""
+        name = self._name_of(mod)
+        with torch.no_grad():
+            sq = _sq_norm(grad)
+            self._bwd_sq.append(sq)
+            coef = self._clip_coef(sq, self.grad_clip)
+            if coef is not None:
+                grad = grad * coef
+            self._update(name, mod, grad)
+
+    def _name_of(self, mod: DirectModule) -> str:
+        try:
+            return self._names[id(mod)]
+        except KeyError:
+            raise KeyError("module is not managed by this optimizer") from None
+
+    # ---- the one-tensor update ------------------------------------------------------------------------------
+    def _chunks(self, rows: int, k: int, device: torch.device, whole: bool) -> list[tuple[int, int]]:
+        """Row ranges processed one after another: the float32 scratch is one chunk, not the tensor. 8-bit
+        states need chunks of whole 256-value blocks (rows·K a multiple of 256). The result does not depend
+        on the chunking: every operation is elementwise or per row, and the noise is indexed globally."""
+        if whole:
+            return [(0, rows)]
+        target = self.chunk_elems or (1 << 16 if device.type == "cpu" else 1 << 24)
+        align = blockwise.BLOCK // math.gcd(k, blockwise.BLOCK) if self.state_dtype == "8bit" else 1
+        step = max(align, (target // k) // align * align)
+        return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+    def _state_tensor(self, st: dict[str, Any], key: str, n: int, shape: tuple[int, int], device: torch.device,
+                      second: bool) -> None:
+        """Create the moment ``key`` (zeros) on first use, in the chosen precision."""
+        if self.state_dtype == "8bit":
+            if key + "_q" not in st:
+                nb = -(-n // blockwise.BLOCK)
+                st[key + "_q"] = torch.zeros(nb * blockwise.BLOCK, dtype=torch.uint8 if second else torch.int8,
+                                             device=device)
+                st[key + "_absmax"] = torch.zeros(nb, dtype=torch.float32, device=device)
+        elif key not in st:
+            dt = torch.float32 if self.state_dtype == "fp32" else torch.bfloat16
+            st[key] = torch.zeros(shape, dtype=dt, device=device)
+
+    def _moment(self, st: dict[str, Any], key: str, r0: int, r1: int, k: int, second: bool = False) -> torch.Tensor:
+        """Rows r0:r1 of the moment ``key`` as float32 scratch (fp32 states: a view, updated in place)."""
+        if self.state_dtype == "fp32":
+            return st[key].view(-1, k)[r0:r1]
+        if self.state_dtype == "bf16":
+            return st[key].view(-1, k)[r0:r1].float()
+        b0, b1 = r0 * k // blockwise.BLOCK, -(-r1 * k // blockwise.BLOCK)
+        dec = blockwise.decode_second_moment if second else blockwise.decode_signed
+        q = st[key + "_q"][b0 * blockwise.BLOCK:b1 * blockwise.BLOCK]
+        return dec(q, st[key + "_absmax"][b0:b1], ((r1 - r0) * k,)).view(r1 - r0, k)
+
+    def _store(self, st: dict[str, Any], key: str, r0: int, r1: int, k: int, x: torch.Tensor,
+               second: bool = False) -> None:
+        if self.state_dtype == "fp32":
+            return  # updated in place
+        if self.state_dtype == "bf16":
+            st[key].view(-1, k)[r0:r1].copy_(x)
+            return
+        enc = blockwise.encode_second_moment if second else blockwise.encode_signed
+        q, a = enc(x)
+        b0 = r0 * k // blockwise.BLOCK
+        st[key + "_q"][b0 * blockwise.BLOCK:b0 * blockwise.BLOCK + q.numel()] = q
+        st[key + "_absmax"][b0:b0 + a.numel()] = a
+
+    @torch.no_grad()
+    def _update(self, name: str, mod: DirectModule, grad: torch.Tensor) -> None:
+        """The DQT update of one tensor (see the module docstring), in row chunks of float32 scratch."""
+        st = self.dqt_state[name]
+        grp = self.dqt_group
+        lr, (b1, b2), eps = grp["lr"], grp["betas"], grp["eps"]
+        wd = grp["weight_decay"] if self._decays[name] else 0.0
+        t = st["step"] + 1
+        shape = mod.weight_shape
+        k = shape[-1]
+        rows = mod.weight_numel // k
+        dev = mod.weight_codes.device
+        spec = mod.store_spec.replace(rounding=mod.update_rounding)
+        info = spec.info
+        g_all = grad.reshape(rows, k)
+        scale_old = mod.weight_scale
+        per_tensor = scale_old.dim() == 0
+        recompute = self.scale == "recompute" and t % self.scale_every == 0
+        # the new step Δ' (None: quantize() re-fits it with the spec's rule)
+        scale_new: torch.Tensor | None = scale_old
+        if recompute:
+            scale_new = None
+        elif self.scale == "signed_max":
+            # the reference SR step: Δ' = max(W_before)/top per scale group, the *signed* maximum of the
+            # pre-update tensor (= Δ·(max code + offset)), so the representable range never grows
+            top_code = _groups(mod.codes(), spec).amax(-1).float()  # (R, G)
+            s = scale_old.reshape(top_code.shape) * (top_code + info.offset) / info.top
+            scale_new = s.clamp_min(spec.eps / info.top).reshape(scale_old.shape)
+        factored = self.rule == "adafactor" and len(shape) == 2
+        if factored:  # row/column means of g² need the whole gradient: one pass first
+            r = st.setdefault("exp_avg_sq_row", torch.zeros(rows, dtype=torch.float32, device=dev))
+            c = st.setdefault("exp_avg_sq_col", torch.zeros(k, dtype=torch.float32, device=dev))
+            r_new = torch.empty_like(r)
+            c_sum = torch.zeros_like(c)
+            for r0 in range(0, rows, _STAT_ROWS):  # a fixed partition: the sums do not depend on chunk_elems
+                r1 = min(rows, r0 + _STAT_ROWS)
+                g2 = g_all[r0:r1].float().square().add_(1e-30)
+                r_new[r0:r1] = g2.mean(1)
+                c_sum += g2.sum(0)
+            r.mul_(b2).add_(r_new, alpha=1.0 - b2)
+            c.mul_(b2).add_(c_sum / rows, alpha=1.0 - b2)
+            r_mean = r.mean().clamp_min(1e-30)
+        if self.rule == "sgd":
+            self._state_tensor(st, "momentum_buffer", rows * k, shape, dev, False)
+        else:
+            self._state_tensor(st, "exp_avg", rows * k, shape, dev, False)
+            if not factored:
+                self._state_tensor(st, "exp_avg_sq", rows * k, shape, dev, True)
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        codes_view = mod.weight_codes.view(rows, -1)
+        flips = torch.zeros((), dtype=torch.int64, device=dev)
+        steps_out: list[torch.Tensor] = []
+        whole = recompute and per_tensor  # a per-tensor re-fit needs the whole updated tensor at once
+        for r0, r1 in self._chunks(rows, k, dev, whole):
+            codes_old = unpack(codes_view[r0:r1], info.qmin, info.levels, k)
+            s_old = scale_old if per_tensor else scale_old[r0:r1]
+            w = dequantize(codes_old, s_old, spec)  # float32 scratch of this chunk only
+            g = g_all[r0:r1].float()
+            if self.rule == "sgd":
+                buf = self._moment(st, "momentum_buffer", r0, r1, k)
+                if t == 1:
+                    buf.copy_(g)
+                else:
+                    buf.mul_(b1).add_(g)
+                w.mul_(1.0 - lr * wd).add_(buf, alpha=-lr)
+                self._store(st, "momentum_buffer", r0, r1, k, buf)
+            else:
+                m = self._moment(st, "exp_avg", r0, r1, k)
+                m.lerp_(g, 1.0 - b1)
+                self._store(st, "exp_avg", r0, r1, k, m)
+                if factored:
+                    v = torch.outer(r[r0:r1], c).div_(r_mean)
+                else:
+                    v = self._moment(st, "exp_avg_sq", r0, r1, k, second=True)
+                    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                    self._store(st, "exp_avg_sq", r0, r1, k, v, second=True)
+                scratch = factored or self.state_dtype != "fp32"  # else v is the state itself: no in-place sqrt
+                denom = (v.sqrt_() if scratch else v.sqrt()).div_(math.sqrt(bc2)).add_(eps)
+                w.mul_(1.0 - lr * wd).addcdiv_(m, denom, value=-lr / bc1)
+                del m, v, denom
+            del g
+            s_new = scale_new if (scale_new is None or per_tensor) else scale_new[r0:r1]
+            codes, step = self._write_back(name, mod, w, spec, s_new, t, r0 * k)
+            codes_view[r0:r1] = pack(codes, info.qmin, info.levels, check=False)
+            if per_tensor:
+                steps_out = [step]
+            else:
+                scale_old[r0:r1] = step  # rows are disjoint: later chunks never read these
+            flips += (codes != codes_old).sum()
+        if per_tensor:
+            scale_old.copy_(steps_out[0].reshape(()))  # after the loop: every chunk decoded with the old Δ
+        mod.last_flips = flips
+        st["step"] = t
+
+    def _write_back(self, name: str, mod: DirectModule, w: torch.Tensor, spec: Any, scale: torch.Tensor | None,
+                    t: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put updated float32 rows back on the grid: (codes, step). Stochastic rounding draws its uniforms
+        from the counter-based generator at the rows' global element indices (``offset`` = first index)."""
+        noise = None
+        if spec.rounding == "stochastic":
+            noise = counter_uniform(self.seed, t, self._streams[name], w.shape, offset=offset, device=w.device)
+        return quantize(w, spec, scale=scale, noise=noise)
+
+    # ---- state: dict and flat (safetensors) forms ---------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "version": FLAT_VERSION, "rng_version": RNG_VERSION, "rule": self.rule, "state_dtype": self.state_dtype,
+            "scale": self.scale, "seed": self.seed,
+            "group": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.dqt_group.items() if k != "params"},
+            "steps": {n: st["step"] for n, st in self.dqt_state.items()},
+            "prev_norm": None if self.prev_norm is None else float(self.prev_norm),
+        }
+
+    def _load_meta(self, meta: dict[str, Any]) -> None:
+        if meta.get("version") != FLAT_VERSION or meta.get("rng_version") != RNG_VERSION:
+            raise ValueError(f"DQT optimizer state version {meta.get('version')}/{meta.get('rng_version')} is not "
+                             f"{FLAT_VERSION}/{RNG_VERSION}")
+        for k in ("rule", "state_dtype"):
+            if meta[k] != getattr(self, k):
+                raise ValueError(f"DQT optimizer state was saved with {k}={meta[k]!r}, this run uses "
+                                 f"{getattr(self, k)!r}")
+        names = set(meta["steps"])
+        if names != set(self.dqt_state):
+            raise ValueError(f"DQT optimizer state is for other modules: {sorted(names ^ set(self.dqt_state))[:4]}")
+        for k, v in meta["group"].items():
+            self.dqt_group[k] = tuple(v) if k == "betas" else v
+        for n, s in meta["steps"].items():
+            self.dqt_state[n] = {"step": int(s)}
+        dev = self.modules[0][1].weight_codes.device
+        self.prev_norm = None if meta["prev_norm"] is None else torch.tensor(meta["prev_norm"], device=dev)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (no pickling needed): {"float": torch state_dict or None,
+        "dqt": {name: {key: tensor}}, "meta": {...}}."""
+        return {
+            "float": self.float_opt.state_dict() if self.float_opt is not None else None,
+            "dqt": {n: {k: v for k, v in st.items() if torch.is_tensor(v)} for n, st in self.dqt_state.items()},
+            "meta": self._meta(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.float_opt is not None:
+            self.float_opt.load_state_dict(sd["float"])
+        self._load_meta(sd["meta"])
+        self._load_tensors(sd["dqt"])
+
+    def _load_tensors(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        mods = dict(self.modules)
+        for n, st in tensors.items():
+            if n not in mods:
+                raise ValueError(f"DQT optimizer state for unknown module {n!r}")
+            dev = mods[n].weight_codes.device
+            self.dqt_state[n].update({k: v.to(dev) for k, v in st.items()})
+
+    def to_flat(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """For :func:`lowbit.train.checkpoint.optimizer_to_flat`: tensors keyed ``"dqt.<module>.weight.<key>"``
+        (DQT) and ``"<param name>.<key>"`` (float AdamW), plus JSON metadata."""
+        from lowbit.train.checkpoint import optimizer_to_flat
+
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"direct": self._meta(), "float": None}
+        if self.float_opt is not None:
+            tensors, meta["float"] = optimizer_to_flat(model, self.float_opt)
+        for n, st in self.dqt_state.items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{FLAT_PREFIX}{n}.weight.{k}"] = v
+        return tensors, meta
+
+    def from_flat(self, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        from lowbit.train.checkpoint import CheckpointError, optimizer_from_flat
+
+        if "direct" not in meta:
+            raise CheckpointError("the checkpoint's optimizer state is not a DQT (DirectOptimizer) state")
+        ft = {k: v for k, v in tensors.items() if not k.startswith(FLAT_PREFIX)}
+        if self.float_opt is not None:
+            optimizer_from_flat(model, self.float_opt, ft, meta["float"])
+        try:
+            self._load_meta(meta["direct"])
+            dq: dict[str, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():
+                if k.startswith(FLAT_PREFIX):
+                    mod, _, key = k[len(FLAT_PREFIX):].rpartition(".weight.")
+                    dq.setdefault(mod, {})[key] = v
+            self._load_tensors(dq)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"DQT optimizer state does not fit: {e}") from None
+
+    def __repr__(self) -> str:
+        return (f"DirectOptimizer(rule={self.rule}, state_dtype={self.state_dtype}, scale={self.scale}, "
+                f"update_in_backward={self.update_in_backward}, {len(self.modules)} DQT tensors, "
+                f"float={type(self.float_opt).__name__})")
+
+
+def build_direct_optimizer(model: nn.Module, cfg: Any, device: torch.device, dqt: Any = None) -> DirectOptimizer:
+    """The trainer's optimizer for a DQT model: AdamW (``lowbit.train.optim.param_groups``, fused on CUDA) for
+    the float parameters + the DQT update for every direct-quantized module. ``cfg``: TrainConfig; ``dqt``:
+    DQTConfig (default options when None)."""
+    from lowbit.config import DQTConfig
+    from lowbit.train.optim import param_groups
+
+    opts = dqt if dqt is not None else DQTConfig()
+    mods = direct_modules(model)
+    groups = param_groups(model, cfg)
+    float_opt = None
+    if any(g["params"] for g in groups):
+        fused = cfg.fused_adamw and device.type == "cuda"
+        float_opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                      fused=fused or None)
+    return DirectOptimizer(
+        mods, float_opt, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+        decay_embeddings=cfg.decay_embeddings, grad_clip=cfg.grad_clip, rule=opts.optimizer,
+        state_dtype=opts.state_dtype, scale=opts.scale, scale_every=opts.scale_every,
+        update_in_backward=opts.update_in_backward, clip=opts.clip,
+        seed=cfg.seed if opts.seed is None else opts.seed,
+    )
