@@ -78,7 +78,8 @@ def cmd_eval(args) -> int:
         r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, args.batches, device,
                      autocast_dtype(cfg.train.precision, device))
         results[split] = r
-        print(f"{split:8s} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  ({r['tokens']:,} tokens)")
+        print(f"{split:8s} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  "
+              f"({r['tokens']:,} tokens)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
