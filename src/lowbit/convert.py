@@ -19,38 +19,50 @@ from lowbit.train import checkpoint as ckpt
 
 def ptq_run(run_dir: str | Path, recipe: str, out: str | Path | None = None, batches: int = 50,
             device: str = "auto") -> Path:
-    from lowbit.data import TokenShard
-    from lowbit.eval.evaluate import evaluate
     from lowbit.nn import ptq_
-    from lowbit.runs import autocast_dtype, load_run, resolve_device
-    from lowbit.train.logger import RunLogger
+    from lowbit.runs import load_run, resolve_device
 
     dev = resolve_device(device)
     model, cfg, state = load_run(run_dir, "cpu")
     model = ptq_(model, recipe, targets=cfg.quant.targets, skip=cfg.quant.skip).to(dev)
     new_cfg = RunConfig.from_dict(cfg.to_dict() | {"quant": dataclasses.asdict(cfg.quant) | {"recipe": recipe}})
     out = Path(out) if out else Path(str(run_dir).rstrip("/") + f"-ptq-{recipe}")
+    return write_converted_run(model, new_cfg, state, run_dir, out, "ptq", batches, dev)
+
+
+def write_converted_run(model, cfg: RunConfig, state: dict, src_run: str | Path, out: Path, kind: str,
+                        batches: int, device) -> Path:
+    """Evaluate a converted ``model`` on the source run's val/held-out splits and write it as a run directory
+    of its own (config with the new recipe, checkpoint, eval log, summary), so report/eval treat it like any
+    trained run. ``kind`` names the conversion in the summary ("ptq", "ternary")."""
+    from lowbit.data import TokenShard
+    from lowbit.eval.evaluate import evaluate
+    from lowbit.runs import autocast_dtype
+    from lowbit.train.logger import RunLogger
+
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    new_cfg.train.out_dir = str(out)
-    ckpt.atomic_write_text(out / "config.json", new_cfg.to_json())
+    cfg.train.out_dir = str(out)
+    ckpt.atomic_write_text(out / "config.json", cfg.to_json())
     final = {"step": state["step"], "tokens": state.get("tokens_seen")}
     for split in ("val", "heldout"):
         try:
             shard = TokenShard(cfg.data.dir, split)
         except (FileNotFoundError, KeyError, ValueError):
             continue
-        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, batches, dev,
-                     autocast_dtype(cfg.train.precision, dev))
+        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, batches, device,
+                     autocast_dtype(cfg.train.precision, device))
         final |= {f"{split}_loss": r["loss"], f"{split}_ppl": r["ppl"], f"{split}_bpb": r["bpb"]}
-        print(f"{split:8s} loss {r['loss']:.4f}  bits/byte {r['bpb']:.4f}  (PTQ {recipe} of {run_dir})")
+        print(f"{split:8s} loss {r['loss']:.4f}  bits/byte {r['bpb']:.4f}  ({kind} {cfg.quant.recipe} of {src_run})")
     logger = RunLogger(out, tensorboard=False)
     logger.log(final, kind="eval")
     logger.close()
     ckpt.save_checkpoint(out, state["step"], model.cpu(), None,
-                         {"tokens_seen": state.get("tokens_seen"), "ptq_of": str(run_dir), "config": new_cfg.to_dict()})
-    summary = {"final": final, "ptq_of": str(run_dir), "recipe": recipe, "params": state.get("params", {})}
+                         {"tokens_seen": state.get("tokens_seen"), f"{kind}_of": str(src_run),
+                          "config": cfg.to_dict()})
+    summary = {"final": final, f"{kind}_of": str(src_run), "recipe": cfg.quant.recipe,
+               "params": state.get("params", {})}
     ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return out
 
@@ -67,11 +79,8 @@ def ternary_run(run_dir: str | Path, out: str | Path | None = None, batches: int
     with recipe dqt-ternary, checkpoint, log, summary), like :func:`ptq_run`."""
     import torch
 
-    from lowbit.data import TokenShard
-    from lowbit.eval.evaluate import evaluate
     from lowbit.nn.direct import DirectModule, direct_modules
-    from lowbit.runs import autocast_dtype, build_model, load_run, resolve_device
-    from lowbit.train.logger import RunLogger
+    from lowbit.runs import build_model, load_run, resolve_device
 
     dev = resolve_device(device)
     src, cfg, state = load_run(run_dir, "cpu")
@@ -93,28 +102,4 @@ def ternary_run(run_dir: str | Path, out: str | Path | None = None, batches: int
     model.load_state_dict(keep, strict=False)
     model = model.to(dev).eval()
     out = Path(out) if out else Path(str(run_dir).rstrip("/") + "-ternary")
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    new_cfg.train.out_dir = str(out)
-    ckpt.atomic_write_text(out / "config.json", new_cfg.to_json())
-    final = {"step": state["step"], "tokens": state.get("tokens_seen")}
-    for split in ("val", "heldout"):
-        try:
-            shard = TokenShard(cfg.data.dir, split)
-        except (FileNotFoundError, KeyError, ValueError):
-            continue
-        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, batches, dev,
-                     autocast_dtype(cfg.train.precision, dev))
-        final |= {f"{split}_loss": r["loss"], f"{split}_ppl": r["ppl"], f"{split}_bpb": r["bpb"]}
-        print(f"{split:8s} loss {r['loss']:.4f}  bits/byte {r['bpb']:.4f}  (ternary from {run_dir})")
-    logger = RunLogger(out, tensorboard=False)
-    logger.log(final, kind="eval")
-    logger.close()
-    ckpt.save_checkpoint(out, state["step"], model.cpu(), None,
-                         {"tokens_seen": state.get("tokens_seen"), "ternary_of": str(run_dir),
-                          "config": new_cfg.to_dict()})
-    summary = {"final": final, "ternary_of": str(run_dir), "recipe": "dqt-ternary",
-               "params": state.get("params", {})}
-    ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return out
+    return write_converted_run(model, new_cfg, state, run_dir, out, "ternary", batches, dev)
