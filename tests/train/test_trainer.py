@@ -134,5 +134,9 @@ def test_ptq_convert_and_report(tmp_path, tiny_corpus, capsys):
     table = capsys.readouterr().out
     assert "quest-w4a4" in table and "bf16" in table
     assert (tmp_path / "rep" / "loss.png").stat().st_size > 1000
+    assert main(["eval", str(tmp_path / "base"), "--batches", "2", "--splits", "val",
+                 "--json", str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["step"] == 4 and ev["val"]["loss"] > 0 and ev["val"]["bpb"] > 0
     assert main(["recipes"]) == 0
     assert "bitnet-b1.58" in capsys.readouterr().out
