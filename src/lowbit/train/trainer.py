@@ -285,6 +285,7 @@ class Trainer:
                     self.logger.log({"step": self.step, "tokens": self.tokens_seen} | ev, kind="eval")
                     if bar is not None:
                         bar.write(f"  step {self.step}: " + _fmt(ev))
+                    t_last = time.perf_counter()  # throughput counts training time, not evaluation
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last or self.step == stop:
                     self.save()
         except KeyboardInterrupt:
