@@ -51,3 +51,17 @@ def test_block_size_rule() -> None:
     assert hadamard_block_size(96, 128) == 32
     with pytest.raises(ValueError, match="odd"):
         hadamard_block_size(63, 128)
+
+
+def test_first_use_under_inference_mode_does_not_break_training():
+    """The cached block matrix must not be an inference tensor, or autograd could never save it later."""
+    import importlib
+
+    hmod = importlib.import_module("lowbit.quant.hadamard")  # the module, not the function of that name
+    hmod._hadamard_matrix.cache_clear()
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        hmod.hadamard(x)
+    w = torch.randn(3, 256, requires_grad=True)
+    hmod.hadamard(w).pow(2).sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()

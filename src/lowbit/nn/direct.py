@@ -297,7 +297,7 @@ class DirectQuantLinear(DirectModule):
                 self.last_stats = stats
         rotate_back = self.weight_spec.hadamard and not rot
         y = _DirectLinearFn.apply(x, _anchor(x), self, rotate_back)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def diagnostics(self) -> dict[str, float]:
         """Weight flip rate and clipped share, plus the last input's SNR and masked fraction (as QuantLinear)."""

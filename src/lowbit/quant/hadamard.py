@@ -32,10 +32,13 @@ def hadamard_block_size(k: int, block: int = 128) -> int:
 def _hadamard_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Sylvester construction H_2m = [[H, H], [H, −H]], built in float64 and scaled by 1/√b. Cached per
     # (size, dtype, device): created on first use, so nothing happens at import and .to() is respected.
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < b:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / b**0.5).to(dtype=dtype, device=device)
+    # Built outside inference mode: a cached inference tensor could never be saved for backward, so a first
+    # call under torch.inference_mode() (an eval harness, generation) would break every later training step.
+    with torch.inference_mode(False), torch.no_grad():
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < b:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return (h / b**0.5).to(dtype=dtype, device=device)
 
 
 def hadamard_matrix(
