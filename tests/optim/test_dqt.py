@@ -267,3 +267,22 @@ def test_config_validation() -> None:
     assert load_config(None, ["state_dtype=8bit"]).dqt.state_dtype == "8bit"  # bare key: one section has it
     cfg = load_config(None, ["quant.recipe=dqt-quest-w4a4", "dqt.seed=7"])
     assert cfg.is_direct and cfg.dqt.seed == 7
+
+
+def test_update_in_backward_keeps_nan_out_of_the_codes() -> None:
+    """The update happens inside backward, before the trainer can look at the norm: a NaN gradient must leave
+    the codes finite and on the grid, and still show up in the returned norm so the run stops."""
+    m = quantize_direct_(_tiny(), "dqt-int8")
+    opt = build_optimizer(m, TrainConfig(lr=3e-3, grad_clip=1.0), torch.device("cpu"),
+                          DQTConfig(update_in_backward=True))
+    before = [mod.weight_codes.clone() for _, mod in direct_modules(m)]
+    idx = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    loss = m(idx, idx) * float("nan")
+    loss.backward()
+    norm = opt.clip_grad_norm_(1.0)
+    assert not torch.isfinite(norm)
+    for b, (_, mod) in zip(before, direct_modules(m), strict=True):
+        assert mod.weight_codes.dtype == b.dtype
+        assert int(mod.weight_codes.min()) >= -128 and int(mod.weight_codes.max()) <= 127
+        # the NaN gradient became zero: only weight decay and the rounding noise move a code, by at most one step
+        assert int((mod.weight_codes.int() - b.int()).abs().max()) <= 1

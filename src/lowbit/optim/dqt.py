@@ -212,10 +212,13 @@ class DirectOptimizer:
         name = self._name_of(mod)
         with torch.no_grad():
             sq = _sq_norm(grad)
-            self._bwd_sq.append(sq)
+            self._bwd_sq.append(sq)  # a non-finite gradient makes the step's norm non-finite: the trainer stops
             coef = self._clip_coef(sq, self.grad_clip)
             if coef is not None:
                 grad = grad * coef
+            # ...but the codes are written right here, before that check: never let NaN/inf reach them
+            # (casting NaN to an integer code is undefined). Sync-free: no host round trip per tensor.
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             self._update(name, mod, grad)
 
     def _name_of(self, mod: DirectModule) -> str:
