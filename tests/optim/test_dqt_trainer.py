@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from lowbit.config import load_config
 from lowbit.quant.packing import packed_shape
 from lowbit.train.logger import read_log
 from lowbit.train.trainer import Trainer
@@ -19,17 +18,11 @@ def data_dir(tmp_path_factory, tiny_corpus):
     return tmp_path_factory.mktemp("dqt_data")  # shared: prepared once, reused by every run here
 
 
-def _cfg(tmp_path, data_dir, corpus, name, **over):
-    """The tiny run of tests/train/test_trainer.py (make_cfg), with the dataset shared across this module."""
-    base = {
-        "model.size": "tiny", "model.vocab_size": 320, "model.dim": 32, "model.n_layers": 2,
-        "model.n_heads": 2, "model.ffn_dim": 64, "model.max_seq_len": 32,
-        "data.source": [str(corpus)], "data.heldout": [], "data.dir": str(data_dir / "data"),
-        "train.steps": 6, "train.batch_size": 2, "train.seq_len": 32, "train.lr": 3e-3, "train.warmup": 2,
-        "train.eval_every": 3, "train.eval_batches": 2, "train.ckpt_every": 3, "train.log_every": 1,
-        "train.progress": False, "train.tensorboard": False, "train.out_dir": str(tmp_path / name),
-    } | over
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+@pytest.fixture
+def _cfg(run_config):
+    """The tiny run of tests/conftest.py, with the dataset shared across this module."""
+    return lambda tmp_path, data_dir, corpus, name, **over: run_config(tmp_path / name, corpus, data_dir / "data",
+                                                                       **over)
 
 
 def losses(run_dir):
@@ -38,7 +31,7 @@ def losses(run_dir):
 
 @pytest.mark.parametrize("recipe", ["dqt-ternary", "dqt-int2", "dqt-int3", "dqt-int4", "dqt-int8",
                                     "dqt-quest-w4a4", "dqt-quest-w8a8", "dqt-int8-nearest"])
-def test_every_dqt_recipe_trains(recipe, tmp_path, data_dir, tiny_corpus):
+def test_every_dqt_recipe_trains(recipe, tmp_path, data_dir, tiny_corpus, _cfg):
     over = {"quant.recipe": recipe, "train.steps": 8, "train.eval_every": 8, "train.ckpt_every": 8,
             "train.lr": 1e-2, "train.warmup": 1}
     s = Trainer(_cfg(tmp_path, data_dir, tiny_corpus, "r", **over)).fit()
@@ -50,7 +43,7 @@ def test_every_dqt_recipe_trains(recipe, tmp_path, data_dir, tiny_corpus):
     assert s["params"]["non_embedding"] == 2 * (4 * 32 * 32 + 3 * 32 * 64) + 5 * 32  # codes counted as params
 
 
-def test_exact_resume_with_stochastic_rounding(tmp_path, data_dir, tiny_corpus):
+def test_exact_resume_with_stochastic_rounding(tmp_path, data_dir, tiny_corpus, _cfg):
     over = {"quant.recipe": "dqt-ternary", "dqt.state_dtype": "8bit", "dqt.update_in_backward": True,
             "dqt.clip": "previous", "train.steps": 6, "train.ckpt_every": 3}
     Trainer(_cfg(tmp_path, data_dir, tiny_corpus, "a", **over)).fit()
@@ -68,7 +61,7 @@ def test_exact_resume_with_stochastic_rounding(tmp_path, data_dir, tiny_corpus):
         assert ka == kb and torch.equal(va, vb), ka
 
 
-def test_memory_accounting_matches_tensor_sizes(tmp_path, data_dir, tiny_corpus):
+def test_memory_accounting_matches_tensor_sizes(tmp_path, data_dir, tiny_corpus, _cfg):
     over = {"quant.recipe": "dqt-ternary", "dqt.state_dtype": "8bit", "train.steps": 1}
     t = Trainer(_cfg(tmp_path, data_dir, tiny_corpus, "m", **over))
     mem = t.fit()["memory"]
@@ -95,7 +88,7 @@ def test_memory_accounting_matches_tensor_sizes(tmp_path, data_dir, tiny_corpus)
     assert mem2["grads"] == 4 * n_float and mem2["weights"] == mem["weights"]
 
 
-def test_ternary_conversion_of_an_8bit_run(tmp_path, data_dir, tiny_corpus, capsys):
+def test_ternary_conversion_of_an_8bit_run(tmp_path, data_dir, tiny_corpus, capsys, _cfg):
     from lowbit.cli import main
     from lowbit.nn import direct_modules
     from lowbit.runs import load_run

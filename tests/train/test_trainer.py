@@ -5,29 +5,24 @@ import json
 import pytest
 import torch
 
-from lowbit.config import ConfigError, load_config
+from lowbit.config import ConfigError
 from lowbit.train.logger import read_log
 from lowbit.train.trainer import Trainer, TrainingDiverged
 
 
-def make_cfg(tmp_path, corpus, name="run", **over):
-    base = {
-        "model.size": "tiny", "model.vocab_size": 320, "model.dim": 32, "model.n_layers": 2,
-        "model.n_heads": 2, "model.ffn_dim": 64, "model.max_seq_len": 32,
-        "data.source": [str(corpus)], "data.heldout": [], "data.dir": str(tmp_path / "data"),
-        "train.steps": 6, "train.batch_size": 2, "train.seq_len": 32, "train.lr": 3e-3, "train.warmup": 2,
-        "train.eval_every": 3, "train.eval_batches": 2, "train.ckpt_every": 3, "train.log_every": 1,
-        "train.progress": False, "train.tensorboard": False, "train.out_dir": str(tmp_path / name),
-    }
-    base |= over
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+@pytest.fixture
+def make_cfg(run_config):
+    def make(tmp_path, corpus, name="run", **over):
+        return run_config(tmp_path / name, corpus, tmp_path / "data", **over)
+
+    return make
 
 
 def losses(run_dir):
     return [(r["step"], r["loss"]) for r in read_log(run_dir, "train")]
 
 
-def test_trains_and_writes_run(tmp_path, tiny_corpus):
+def test_trains_and_writes_run(tmp_path, tiny_corpus, make_cfg):
     cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 30, "train.eval_every": 30})
     t = Trainer(cfg)
     s = t.fit()
@@ -46,7 +41,7 @@ def test_trains_and_writes_run(tmp_path, tiny_corpus):
     assert mem["activations"] > 0
 
 
-def test_exact_resume_matches_uninterrupted(tmp_path, tiny_corpus):
+def test_exact_resume_matches_uninterrupted(tmp_path, tiny_corpus, make_cfg):
     a = make_cfg(tmp_path, tiny_corpus, "a")
     Trainer(a).fit()
     b = make_cfg(tmp_path, tiny_corpus, "b")
@@ -59,7 +54,7 @@ def test_exact_resume_matches_uninterrupted(tmp_path, tiny_corpus):
     assert [r["val_loss"] for r in ea] == [r["val_loss"] for r in eb]
 
 
-def test_existing_run_is_not_overwritten(tmp_path, tiny_corpus):
+def test_existing_run_is_not_overwritten(tmp_path, tiny_corpus, make_cfg):
     cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 2})
     Trainer(cfg).fit()
     before = (tmp_path / "run" / "log.jsonl").read_text()
@@ -69,7 +64,7 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_corpus):
     Trainer(cfg, overwrite=True).fit()
 
 
-def test_resume_refuses_other_config(tmp_path, tiny_corpus):
+def test_resume_refuses_other_config(tmp_path, tiny_corpus, make_cfg):
     cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 2})
     Trainer(cfg).fit()
     other = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 2, "train.lr": 1e-3})
@@ -79,7 +74,7 @@ def test_resume_refuses_other_config(tmp_path, tiny_corpus):
         Trainer(make_cfg(tmp_path, tiny_corpus, "fresh"), resume=True)
 
 
-def test_vocab_mismatch(tmp_path, tiny_corpus):
+def test_vocab_mismatch(tmp_path, tiny_corpus, make_cfg):
     cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 1})
     Trainer(cfg).fit()
     small = make_cfg(tmp_path, tiny_corpus, "small", **{"model.vocab_size": 100, "train.steps": 1})
@@ -87,7 +82,7 @@ def test_vocab_mismatch(tmp_path, tiny_corpus):
         Trainer(small).fit()
 
 
-def test_nan_is_detected_and_named(tmp_path, tiny_corpus, monkeypatch):
+def test_nan_is_detected_and_named(tmp_path, tiny_corpus, monkeypatch, make_cfg):
     cfg = make_cfg(tmp_path, tiny_corpus, **{"train.steps": 3})
     t = Trainer(cfg)
     real_setup = t._setup
@@ -102,7 +97,7 @@ def test_nan_is_detected_and_named(tmp_path, tiny_corpus, monkeypatch):
         t.fit()
 
 
-def test_quantized_recipe_resumes_exactly_and_restores_recipe(tmp_path, tiny_corpus):
+def test_quantized_recipe_resumes_exactly_and_restores_recipe(tmp_path, tiny_corpus, make_cfg):
     from lowbit.nn import QuantLinear
     from lowbit.runs import load_run
 
@@ -118,7 +113,7 @@ def test_quantized_recipe_resumes_exactly_and_restores_recipe(tmp_path, tiny_cor
     assert any(k.startswith("act_masked/") for k in evals[-1])  # trust-estimator diagnostics are logged
 
 
-def test_ptq_convert_and_report(tmp_path, tiny_corpus, capsys):
+def test_ptq_convert_and_report(tmp_path, tiny_corpus, capsys, make_cfg):
     from lowbit.cli import main
     from lowbit.runs import load_run
 
