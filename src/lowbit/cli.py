@@ -4,6 +4,8 @@
     lowbit train --config ... --resume                                 continue a run exactly
     lowbit data --config ...                                           prepare the dataset only
     lowbit eval RUN                                                    loss / ppl / bits per byte
+    lowbit eval RUN --tasks cloze,nextsent,task.jsonl [--limit N]      zero-shot task accuracy
+    lowbit eval RUN --text FILE [--stride S]                           sliding-window ppl / bits per byte
     lowbit report RUN [RUN ...] --out DIR                              table + plots comparing runs
     lowbit convert RUN --ptq RECIPE                                    post-training quantization baseline
     lowbit convert RUN --to ternary                                    ternary inference from an (8-bit DQT) run
@@ -69,17 +71,55 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device)
     model, cfg, state = load_run(args.run, device)
     results = {"run": str(args.run), "step": state["step"], "recipe": cfg.quant.recipe}
-    for split in args.splits.split(","):
+    amp = autocast_dtype(cfg.train.precision, device)
+    splits = [] if (args.tasks or args.text) and args.splits is None else (args.splits or "val,heldout").split(",")
+    for split in splits:
         try:
             shard = TokenShard(Path(args.data or cfg.data.dir), split)
         except (FileNotFoundError, KeyError, ValueError) as e:
             print(f"skipping {split}: {e}", file=sys.stderr)
             continue
-        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, args.batches, device,
-                     autocast_dtype(cfg.train.precision, device))
+        r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, args.batches, device, amp)
         results[split] = r
         print(f"{split:8s} loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  "
               f"({r['tokens']:,} tokens)")
+    if args.tasks or args.text:
+        from lowbit.data import load_tokenizer
+
+        data_dir = Path(args.data or cfg.data.dir)
+        tok = load_tokenizer(data_dir)
+    if args.text:
+        from lowbit.eval.tasks import text_perplexity
+
+        r = text_perplexity(model, tok, Path(args.text).read_text(encoding="utf-8"), device, stride=args.stride,
+                            amp_dtype=amp)
+        results["text"] = {"file": str(args.text), **r}
+        print(f"{Path(args.text).name}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bits/byte {r['bpb']:.4f}  "
+              f"({r['tokens']:,} tokens, {r['windows']} windows of {r['max_len']}, stride {r['stride']})")
+    if args.tasks:
+        from lowbit.config import ConfigError
+        from lowbit.eval.tasks import run_tasks
+
+        try:
+            tasks = run_tasks(model, tok, [t for t in args.tasks.split(",") if t], cfg.data.heldout, data_dir,
+                              limit=args.limit, device=device, amp_dtype=amp)
+        except ValueError as e:  # an unknown task shape or name: a usage error, not a crash
+            raise ConfigError(f"--tasks: {e}") from None
+        results["tasks"] = tasks
+        for name, r in tasks.items():
+            lo, hi = r["acc_ci95"]
+            line = f"{name:12s} acc {r['acc']:.4f} [{lo:.3f}, {hi:.3f}]"
+            if r["kind"] == "mc":
+                lo, hi = r["acc_norm_ci95"]
+                line += f"  acc_norm {r['acc_norm']:.4f} [{lo:.3f}, {hi:.3f}]  (chance {r['chance']:.3f})"
+            else:
+                line += f"  target log-lik {r['target_logprob']:.3f}  target ppl {r['target_ppl']:.2f}"
+            print(line + f"  n={r['n']}")
+        # kept next to the run for `lowbit report`, merged with the results of earlier task evaluations
+        tj = Path(args.run) / "tasks.json"
+        old = json.loads(tj.read_text()) if tj.is_file() else {}
+        tj.write_text(json.dumps({**old, **{k: {**v, "step": state["step"]} for k, v in tasks.items()}},
+                                 indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -90,7 +130,8 @@ def cmd_report(args) -> int:
 
     print(report(args.runs, args.out))
     if args.out:
-        print(f"wrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'loss.png'}")
+        pngs = ", ".join(p.name for p in sorted(Path(args.out).glob("*.png")))
+        print(f"wrote {Path(args.out) / 'report.md'} ({pngs})")
     return 0
 
 
@@ -162,7 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's newest checkpoint")
     e.add_argument("run")
-    e.add_argument("--splits", default="val,heldout")
+    e.add_argument("--splits", default=None, help="token splits to evaluate (default val,heldout; none when "
+                   "--tasks or --text is given)")
+    e.add_argument("--tasks", help="comma-separated: built-in cloze, nextsent (built from data.heldout) and/or "
+                   "task .jsonl files (HellaSwag, PIQA, ARC, generic or cloze shape); scores go to RUN/tasks.json")
+    e.add_argument("--limit", type=int, help="evaluate at most this many examples per task")
+    e.add_argument("--text", help="sliding-window perplexity and bits/byte of this text file")
+    e.add_argument("--stride", type=int, help="--text window stride in tokens (default max_seq_len // 2)")
     e.add_argument("--batches", type=int, default=50)
     e.add_argument("--device", default="auto")
     e.add_argument("--data", help="dataset directory (default: the run's data.dir)")

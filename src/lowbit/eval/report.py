@@ -1,7 +1,10 @@
 """Compare runs: a markdown table and PNG plots (training loss, validation loss against tokens).
 
-``lowbit report RUN...`` reads each run directory's ``config.json``, ``log.jsonl`` and ``summary.json``; no
-model is loaded, so a report of many runs is instant.
+``lowbit report RUN...`` reads each run directory's ``config.json``, ``log.jsonl``, ``summary.json`` and, when
+``lowbit eval RUN --tasks ...`` wrote one, ``tasks.json``; no model is loaded, so a report of many runs is
+instant. Plots: ``loss.png`` (curves), ``pareto.png`` (final loss against the weight memory of the quantized
+layers, non-embedding parameters × weight bits of the recipe) and, when the logs hold them,
+``diagnostics.png`` (DQT flip rate, QuEST trust-estimator masked fractions against the step).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
     evals = read_log(run_dir, "eval")
     final = summary.get("final") or (evals[-1] if evals else {})
     mem = summary.get("memory", {})
+    recipe = cfg.get("quant", {}).get("recipe", "?")
     return {
         "run": run_dir.name,
         "recipe": cfg.get("quant", {}).get("recipe", "?"),
@@ -35,7 +39,35 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
         "train_state_B_per_param": (mem.get("bytes_per_param", {}).get("weights", 0)
                                     + mem.get("bytes_per_param", {}).get("grads", 0)
                                     + mem.get("bytes_per_param", {}).get("optimizer", 0)) if mem else None,
+        "w_bits": weight_bits(recipe),
+        **task_cells(run_dir),
     }
+
+
+def weight_bits(recipe: str) -> float | None:
+    """Bits per weight of ``recipe``'s quantized linears (16 for bf16 or a recipe that leaves weights alone)."""
+    if recipe == "bf16":
+        return 16.0
+    try:
+        from lowbit.quant.recipes import get_recipe
+
+        w = get_recipe(recipe).weight
+    except (KeyError, ValueError):
+        return None
+    return 16.0 if w is None else float(w.bits)
+
+
+def task_cells(run_dir: str | Path) -> dict[str, Any]:
+    """``{"<task> acc_norm": …}`` (multiple choice) / ``{"<task> acc": …}`` (cloze) from ``RUN/tasks.json``."""
+    p = Path(run_dir) / "tasks.json"
+    if not p.is_file():
+        return {}
+    out = {}
+    for name, r in sorted(json.loads(p.read_text()).items()):
+        key = "acc_norm" if r.get("kind", "mc") == "mc" and "acc_norm" in r else "acc"
+        if key in r:
+            out[f"{name} {key}"] = r[key]
+    return out
 
 
 def _cell(v: Any) -> str:
@@ -51,7 +83,7 @@ def _cell(v: Any) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # union: runs may have different task scores
     head = "| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|\n"
     return head + "".join("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |\n" for r in rows)
 
@@ -93,6 +125,83 @@ def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path
     return path
 
 
+def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Final loss (validation; held-out in a second panel when present) against weight memory of the
+    quantized layers, ``non-embedding params × weight bits``, with the Pareto frontier (no run both smaller and
+    better) drawn through the runs."""
+    pts = [r for r in rows if r.get("non_emb_params") and r.get("w_bits") and r.get("val_loss") is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("val_loss", "heldout_loss") if all(r.get(m) is not None for r in pts)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        xs = [r["non_emb_params"] * r["w_bits"] for r in pts]
+        ys = [r[m] for r in pts]
+        ax.scatter(xs, ys, zorder=3)
+        for x, y, r in zip(xs, ys, pts, strict=True):
+            ax.annotate(f"{r['run']} ({r['recipe']})", (x, y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        front, best = [], float("inf")
+        for x, y in sorted(zip(xs, ys, strict=True)):
+            if y < best:
+                front.append((x, y))
+                best = y
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="C3", alpha=0.6,
+                label="Pareto frontier")
+        ax.set_xscale("log")
+        ax.set(title=f"{m.replace('_', ' ')} vs weight bits", xlabel="non-embedding params × bits per weight",
+               ylabel="loss (nats)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+DIAGNOSTICS = {"flip_rate/mean": "DQT flip rate (codes changed per step)",
+               "act_masked/mean": "QuEST: masked fraction, activations",
+               "weight_masked/mean": "QuEST: masked fraction, weights"}
+"""Eval-record keys plotted by :func:`plot_diagnostics`, with their panel titles."""
+
+
+def plot_diagnostics(runs: list[str | Path], path: str | Path) -> Path | None:
+    """One panel per :data:`DIAGNOSTICS` key found in any run's eval records, against the step; None if none."""
+    data = {k: {} for k in DIAGNOSTICS}
+    for r in runs:
+        ev = read_log(r, "eval")
+        for k in DIAGNOSTICS:
+            pts = [(p["step"], p[k]) for p in ev if k in p and "step" in p]
+            if pts:
+                data[k][_label(Path(r))] = pts
+    keys = [k for k in DIAGNOSTICS if data[k]]
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, k in zip(axes[0], keys, strict=True):
+        for label, pts in data[k].items():
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=label)
+        ax.set(title=DIAGNOSTICS[k], xlabel="step", ylabel="fraction")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _label(run_dir: Path) -> str:
     p = run_dir / "config.json"
     if p.is_file():
@@ -112,5 +221,12 @@ def report(runs: list[str | Path], out_dir: str | Path | None = None) -> str:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         png = plot_runs(runs, out / "loss.png")
-        (out / "report.md").write_text("# lowbit report\n\n" + md + f"\n![loss curves]({png.name})\n")
+        text = "# lowbit report\n\n" + md + f"\n![loss curves]({png.name})\n"
+        pareto = plot_pareto(rows, out / "pareto.png")
+        if pareto is not None:
+            text += f"\n![loss vs weight bits]({pareto.name})\n"
+        diag = plot_diagnostics(runs, out / "diagnostics.png")
+        if diag is not None:
+            text += f"\n![flip rate and masked fractions]({diag.name})\n"
+        (out / "report.md").write_text(text)
     return md
