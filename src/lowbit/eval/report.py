@@ -88,12 +88,28 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return head + "".join("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |\n" for r in rows)
 
 
-def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path:
-    """Training loss (moving average over ``smooth`` points) and validation loss of each run, vs tokens."""
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (imported on first use: plotting is optional work)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as a 120-dpi PNG and close ``fig``."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path:
+    """Training loss (moving average over ``smooth`` points) and validation loss of each run, vs tokens."""
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
@@ -118,11 +134,7 @@ def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
@@ -132,10 +144,9 @@ def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
     pts = [r for r in rows if r.get("non_emb_params") and r.get("w_bits") and r.get("val_loss") is not None]
     if not pts:
         return None
-    import matplotlib
+    plt = pyplot()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     metrics = [m for m in ("val_loss", "heldout_loss") if all(r.get(m) is not None for r in pts)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
@@ -144,7 +155,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
         ys = [r[m] for r in pts]
         ax.scatter(xs, ys, zorder=3)
         for x, y, r in zip(xs, ys, pts, strict=True):
-            ax.annotate(f"{r['run']} ({r['recipe']})", (x, y), fontsize=7, xytext=(4, 4),
+            ax.annotate(_run_label(r["run"], r["recipe"]), (x, y), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
         front, best = [], float("inf")
         for x, y in sorted(zip(xs, ys, strict=True)):
@@ -154,15 +165,12 @@ def plot_pareto(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color="C3", alpha=0.6,
                 label="Pareto frontier")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels overlap on a one-decade axis
         ax.set(title=f"{m.replace('_', ' ')} vs weight bits", xlabel="non-embedding params × bits per weight",
                ylabel="loss (nats)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 DIAGNOSTICS = {"flip_rate/mean": "DQT flip rate (codes changed per step)",
@@ -183,10 +191,7 @@ def plot_diagnostics(runs: list[str | Path], path: str | Path) -> Path | None:
     keys = [k for k in DIAGNOSTICS if data[k]]
     if not keys:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     for ax, k in zip(axes[0], keys, strict=True):
@@ -195,18 +200,17 @@ def plot_diagnostics(runs: list[str | Path], path: str | Path) -> Path | None:
         ax.set(title=DIAGNOSTICS[k], xlabel="step", ylabel="fraction")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
+
+
+def _run_label(name: str, recipe: str) -> str:
+    return name if recipe == name else f"{name} ({recipe})"
 
 
 def _label(run_dir: Path) -> str:
     p = run_dir / "config.json"
     if p.is_file():
-        recipe = json.loads(p.read_text()).get("quant", {}).get("recipe", "?")
-        return run_dir.name if recipe == run_dir.name else f"{run_dir.name} ({recipe})"
+        return _run_label(run_dir.name, json.loads(p.read_text()).get("quant", {}).get("recipe", "?"))
     return run_dir.name
 
 

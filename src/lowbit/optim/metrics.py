@@ -26,11 +26,9 @@ def flip_rates(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 def plot_flip_rates(runs: list[str | Path], path: str | Path, layers: bool = True) -> Path | None:
     """Flip rate per step (log scale): the mean over layers of each run, and (``layers``, one run only) every
     layer as a thin line. Returns the path, or None when no run logged a flip rate."""
-    import matplotlib
+    from lowbit.eval.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     data = {Path(r).name: flip_rates(r) for r in runs}
     if not any(data.values()):
         return None
@@ -49,8 +47,4 @@ def plot_flip_rates(runs: list[str | Path], path: str | Path, layers: bool = Tru
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
