@@ -286,3 +286,35 @@ def test_update_in_backward_keeps_nan_out_of_the_codes() -> None:
         assert int(mod.weight_codes.min()) >= -128 and int(mod.weight_codes.max()) <= 127
         # the NaN gradient became zero: only weight decay and the rounding noise move a code, by at most one step
         assert int((mod.weight_codes.int() - b.int()).abs().max()) <= 1
+
+
+def test_8bit_states_decay_with_stochastic_reencoding() -> None:
+    """A moment that only decays (zero gradients) must decay in 8 bits too. Re-encoded with nearest rounding
+    every step it gets stuck (round(q·√β) = q); with the counter-based stochastic re-encoding the optimizer
+    uses, it follows β^t on average — here the second moment of small entries beside a block outlier."""
+    from lowbit.optim import blockwise
+    from lowbit.rng import counter_uniform
+
+    beta, steps = 0.99, 300
+    v = torch.full((256,), 1e-4)
+    v[0] = 1.0  # the outlier holds the block's absmax, so the small entries sit low in the map
+    expected = 1e-4 * beta**steps
+    means = {}
+    for mode in ("nearest", "stochastic"):
+        q, a = blockwise.encode_second_moment(v)
+        for t in range(steps):
+            x = blockwise.decode_second_moment(q, a, (256,)) * beta
+            x[0] = 1.0
+            noise = counter_uniform(0, t, 7, (256,)) if mode == "stochastic" else None
+            q, a = blockwise.encode_second_moment(x, noise)
+        means[mode] = blockwise.decode_second_moment(q, a, (256,))[1:].mean().item()
+    assert means["nearest"] > 5 * expected  # stuck
+    assert abs(means["stochastic"] - expected) < 0.5 * expected
+    m = torch.full((256,), 0.05)
+    m[0] = 1.0
+    q, a = blockwise.encode_signed(m)
+    for t in range(steps):
+        x = blockwise.decode_signed(q, a, (256,)) * 0.9
+        x[0] = 1.0
+        q, a = blockwise.encode_signed(x, counter_uniform(0, t, 8, (256,)))
+    assert blockwise.decode_signed(q, a, (256,))[1:].abs().mean().item() < 1e-4  # decays to ~0, not stuck

@@ -19,8 +19,12 @@ block keeps one float32 absmax ``a`` and 256 one-byte codes. The map is a *squar
   anything below it decodes to it (a *smaller* step, the safe side) — the "zero-point" problem of 8-bit
   second moments (Li et al., "Memory efficient optimizers with 4-bit states", 2023).
 
-Rounding is nearest (deterministic). Cost: 1 byte + 4/256 bytes per value, i.e. 2.03 bytes per parameter for
-Adam's two moments, vs 8 in float32.
+Rounding: nearest by default; given ``noise`` (uniforms in [0, 1), one per value), stochastic in the code
+domain, q = ⌊c + u⌋ for the real-valued code c. The optimizer re-encodes its moments every step and passes
+counter-based noise: with nearest rounding a slowly changing moment never moves (a code q with
+round(q·√β) = q is stuck — m stops decaying below |q| ≈ 10, v relative to its block's absmax never decays at
+β₂ = 0.999), stochastic rounding lets it drift down at the right rate on average. Cost: 1 byte + 4/256 bytes
+per value, i.e. 2.03 bytes per parameter for Adam's two moments, vs 8 in float32.
 """
 
 from __future__ import annotations
@@ -40,12 +44,19 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     return flat.reshape(-1, BLOCK)  # (n_blocks, BLOCK)
 
 
-def encode_signed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _round(c: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """Nearest, or stochastic ⌊c + u⌋ with ``noise`` u (flat, at least one value per padded code)."""
+    if noise is None:
+        return torch.round(c)
+    return torch.floor(c + noise.reshape(-1)[: c.numel()].reshape(c.shape).to(c.device))
+
+
+def encode_signed(x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (any shape) → (int8 codes, flat and padded to whole blocks; float32 absmax per block)."""
     b = _blocks(x)
     a = b.abs().amax(1, keepdim=True).clamp_min(_TINY)
     r = b / a
-    q = torch.round(127.0 * r.sign() * r.abs().sqrt())
+    q = _round(127.0 * r.sign() * r.abs().sqrt(), noise)
     return q.to(torch.int8).reshape(-1), a.reshape(-1)
 
 
@@ -59,11 +70,11 @@ def decode_signed(q: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...])
     return x.reshape(-1)[:n].reshape(shape)
 
 
-def encode_second_moment(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_second_moment(v: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """v ≥ 0 → (uint8 codes of √v, zero excluded; float32 absmax of √v per block)."""
     s = _blocks(v).clamp_min(0).sqrt()
     a = s.amax(1, keepdim=True).clamp_min(_TINY)
-    q = (torch.round(256.0 * (s / a).sqrt()) - 1).clamp_(0, 255)
+    q = _round(256.0 * (s / a).sqrt() - 1.0, noise).clamp_(0, 255)
     return q.to(torch.uint8).reshape(-1), a.reshape(-1)
 
 

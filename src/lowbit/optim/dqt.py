@@ -263,7 +263,7 @@ class DirectOptimizer:
         q = st[key + "_q"][b0 * blockwise.BLOCK:b1 * blockwise.BLOCK]
         return dec(q, st[key + "_absmax"][b0:b1], ((r1 - r0) * k,)).view(r1 - r0, k)
 
-    def _store(self, st: dict[str, Any], key: str, r0: int, r1: int, k: int, x: torch.Tensor,
+    def _store(self, name: str, st: dict[str, Any], key: str, r0: int, r1: int, k: int, x: torch.Tensor,
                second: bool = False) -> None:
         if self.state_dtype == "fp32":
             return  # updated in place
@@ -271,8 +271,13 @@ class DirectOptimizer:
             st[key].view(-1, k)[r0:r1].copy_(x)
             return
         enc = blockwise.encode_second_moment if second else blockwise.encode_signed
-        q, a = enc(x)
         b0 = r0 * k // blockwise.BLOCK
+        # stochastic re-encoding (see optim/blockwise.py): counter-based noise at the codes' global indices, a
+        # pure function of (seed, step, state tensor), so resumed and sharded runs store the same codes
+        n_codes = -(-x.numel() // blockwise.BLOCK) * blockwise.BLOCK
+        noise = counter_uniform(self.seed, st["step"] + 1, stream_id(f"{name}.{key}"), (n_codes,),
+                                offset=b0 * blockwise.BLOCK, device=x.device)
+        q, a = enc(x, noise)
         st[key + "_q"][b0 * blockwise.BLOCK:b0 * blockwise.BLOCK + q.numel()] = q
         st[key + "_absmax"][b0:b0 + a.numel()] = a
 
@@ -341,17 +346,17 @@ class DirectOptimizer:
                 else:
                     buf.mul_(b1).add_(g)
                 w.mul_(1.0 - lr * wd).add_(buf, alpha=-lr)
-                self._store(st, "momentum_buffer", r0, r1, k, buf)
+                self._store(name, st, "momentum_buffer", r0, r1, k, buf)
             else:
                 m = self._moment(st, "exp_avg", r0, r1, k)
                 m.lerp_(g, 1.0 - b1)
-                self._store(st, "exp_avg", r0, r1, k, m)
+                self._store(name, st, "exp_avg", r0, r1, k, m)
                 if factored:
                     v = torch.outer(r[r0:r1], c).div_(r_mean)
                 else:
                     v = self._moment(st, "exp_avg_sq", r0, r1, k, second=True)
                     v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                    self._store(st, "exp_avg_sq", r0, r1, k, v, second=True)
+                    self._store(name, st, "exp_avg_sq", r0, r1, k, v, second=True)
                 scratch = factored or self.state_dtype != "fp32"  # else v is the state itself: no in-place sqrt
                 denom = (v.sqrt_() if scratch else v.sqrt()).div_(math.sqrt(bc2)).add_(eps)
                 w.mul_(1.0 - lr * wd).addcdiv_(m, denom, value=-lr / bc1)
