@@ -48,14 +48,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from lowbit.data import TokenShard, prepare_data
+    from lowbit.data import open_split, prepare_data
 
     cfg = _config(args)
     d = prepare_data(cfg.data, cfg.model.vocab_size, progress=True)
     for split in ("train", "val", "heldout"):
-        try:
-            s = TokenShard(d, split)
-        except (FileNotFoundError, KeyError, ValueError):
+        s = open_split(d, split)
+        if s is None:
             continue
         bpt = s.n_bytes / max(1, s.n_tokens)
         print(f"{split:8s} {s.n_tokens:>12,} tokens  {s.n_bytes:>13,} bytes  ({bpt:.2f} B/token)")
@@ -64,7 +63,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lowbit.data import TokenShard
+    from lowbit.data import open_split
     from lowbit.eval.evaluate import evaluate
     from lowbit.runs import autocast_dtype, load_run, resolve_device
 
@@ -74,10 +73,9 @@ def cmd_eval(args) -> int:
     amp = autocast_dtype(cfg.train.precision, device)
     splits = [] if (args.tasks or args.text) and args.splits is None else (args.splits or "val,heldout").split(",")
     for split in splits:
-        try:
-            shard = TokenShard(Path(args.data or cfg.data.dir), split)
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            print(f"skipping {split}: {e}", file=sys.stderr)
+        shard = open_split(Path(args.data or cfg.data.dir), split)
+        if shard is None:
+            print(f"skipping {split}: the dataset has no such split", file=sys.stderr)
             continue
         r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, args.batches, device, amp)
         results[split] = r

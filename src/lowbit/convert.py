@@ -35,7 +35,7 @@ def write_converted_run(model, cfg: RunConfig, state: dict, src_run: str | Path,
     """Evaluate a converted ``model`` on the source run's val/held-out splits and write it as a run directory
     of its own (config with the new recipe, checkpoint, eval log, summary), so report/eval treat it like any
     trained run. ``kind`` names the conversion in the summary ("ptq", "ternary")."""
-    from lowbit.data import TokenShard
+    from lowbit.data import open_split
     from lowbit.eval.evaluate import evaluate
     from lowbit.runs import autocast_dtype
     from lowbit.train.logger import RunLogger
@@ -47,9 +47,8 @@ def write_converted_run(model, cfg: RunConfig, state: dict, src_run: str | Path,
     ckpt.atomic_write_text(out / "config.json", cfg.to_json())
     final = {"step": state["step"], "tokens": state.get("tokens_seen")}
     for split in ("val", "heldout"):
-        try:
-            shard = TokenShard(cfg.data.dir, split)
-        except (FileNotFoundError, KeyError, ValueError):
+        shard = open_split(cfg.data.dir, split)
+        if shard is None:
             continue
         r = evaluate(model, shard, cfg.train.batch_size, cfg.train.seq_len, batches, device,
                      autocast_dtype(cfg.train.precision, device))

@@ -247,3 +247,22 @@ def test_module_main(tmp_path: Path, tiny_corpus: Path, capsys: pytest.CaptureFi
 def test_module_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([f"data.source=[\"{tmp_path / 'nope'}\"]", f"data.dir=\"{tmp_path / 'ds'}\""]) == 2
     assert "data source not found" in capsys.readouterr().err
+
+
+def test_open_split_none_only_for_an_absent_split(tiny_dataset, tmp_path):
+    import shutil
+
+    import pytest
+
+    from lowbit.data import DataError, TokenShard, open_split
+
+    assert isinstance(open_split(tiny_dataset, "val"), TokenShard)
+    assert open_split(tiny_dataset, "no-such-split") is None
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    f = broken / TokenShard(broken, "heldout").manifest["splits"]["heldout"]["file"]
+    f.write_bytes(f.read_bytes()[:-2])  # a truncated shard is an error, never a silently skipped split
+    with pytest.raises(DataError, match="size"):
+        open_split(broken, "heldout")
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        open_split(tmp_path / "nothing", "val")

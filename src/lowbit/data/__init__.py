@@ -27,6 +27,7 @@ _EXPORTS = {
     "EOS_TOKEN": "lowbit.data.tokenizer",
     "TokenShard": "lowbit.data.shards",
     "read_manifest": "lowbit.data.shards",
+    "open_split": "lowbit.data.shards",
     "prepare_data": "lowbit.data.prepare",
     "load_tokenizer": "lowbit.data.prepare",
     "BatchLoader": "lowbit.data.loader",
@@ -36,14 +37,14 @@ _EXPORTS = {
 
 __all__ = [
     "EOS_TOKEN", "BatchLoader", "DataError", "TokenShard", "Tokenizer", "cache_dir", "eval_batches",
-    "fetch_default_corpus", "iter_documents", "load_tokenizer", "prepare_data", "read_manifest",
+    "fetch_default_corpus", "iter_documents", "load_tokenizer", "open_split", "prepare_data", "read_manifest",
     "write_synthetic_corpus",
 ]
 
 if TYPE_CHECKING:
     from lowbit.data.loader import BatchLoader, eval_batches
     from lowbit.data.prepare import load_tokenizer, prepare_data
-    from lowbit.data.shards import TokenShard, read_manifest
+    from lowbit.data.shards import TokenShard, open_split, read_manifest
     from lowbit.data.sources import DataError, cache_dir, fetch_default_corpus, iter_documents
     from lowbit.data.synthetic import write_synthetic_corpus
     from lowbit.data.tokenizer import EOS_TOKEN, Tokenizer

@@ -107,6 +107,15 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return m
 
 
+def open_split(directory: str | Path, split: str) -> TokenShard | None:
+    """The split, or None when the prepared dataset has none of that name (e.g. no held-out sources). A
+    missing dataset, an unreadable manifest or a truncated shard file is still a :class:`DataError`: an
+    evaluation must not silently drop a split because its file is broken."""
+    if split not in read_manifest(directory)["splits"]:
+        return None
+    return TokenShard(directory, split)
+
+
 class TokenShard:
     """One split of a prepared dataset, read through a read-only memory map (no copy, shared page cache).
 

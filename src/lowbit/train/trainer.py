@@ -102,16 +102,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
-        from lowbit.data import BatchLoader, TokenShard, prepare_data
+        from lowbit.data import BatchLoader, TokenShard, open_split, prepare_data
 
         cfg = self.cfg
         data_dir = prepare_data(cfg.data, cfg.model.vocab_size, progress=cfg.train.progress)
         self.train_shard = TokenShard(data_dir, "train")
         self.val_shard = TokenShard(data_dir, "val")
-        try:
-            self.heldout_shard = TokenShard(data_dir, "heldout") if cfg.data.heldout else None
-        except (FileNotFoundError, ValueError, KeyError):
-            self.heldout_shard = None
+        self.heldout_shard = open_split(data_dir, "heldout") if cfg.data.heldout else None
         tok_vocab = self.train_shard.manifest["tokenizer"]["vocab_size"]
         if tok_vocab > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {tok_vocab} tokens but model.vocab_size={cfg.model.vocab_size}; "
