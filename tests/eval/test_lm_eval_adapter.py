@@ -10,16 +10,6 @@ from torch import nn
 pytest.importorskip("lm_eval")
 
 
-class ByteTok:
-    eos_id = 256
-
-    def encode(self, s):
-        return list(s.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode()
-
-
 class PreferA(nn.Module):
     def __init__(self):
         super().__init__()
@@ -31,10 +21,10 @@ class PreferA(nn.Module):
         return out
 
 
-def test_adapter_request_kinds():
+def test_adapter_request_kinds(byte_tok):
     from lowbit.eval.lm_eval_adapter import LowbitLM
 
-    lm = LowbitLM(model=PreferA(), tokenizer=ByteTok(), device="cpu")
+    lm = LowbitLM(model=PreferA(), tokenizer=byte_tok, device="cpu")
     (ll, greedy), = lm.loglikelihood([SimpleNamespace(args=("x", "aa"))])
     p = math.exp(5) / (math.exp(5) + 256)
     assert greedy and ll == pytest.approx(2 * math.log(p), rel=1e-4)

@@ -23,18 +23,6 @@ from lowbit.eval.tasks import (
 )
 
 
-class ByteTok:
-    """One token per UTF-8 byte, EOS = 256."""
-
-    eos_id = 256
-
-    def encode(self, s):
-        return list(s.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode()
-
-
 class FixedDist(nn.Module):
     """Same next-token distribution at every position (``probs`` over bytes, the rest shares what is left)."""
 
@@ -73,18 +61,18 @@ class Oracle(nn.Module):
         return out
 
 
-def test_oracle_scores_100_percent():
+def test_oracle_scores_100_percent(byte_tok):
     ex = [MCExample("the king", ["sees the castle", "sings", "walks away"], 0),
           MCExample("a bold", ["horse runs", "crown"], 1),
           MCExample("night", ["falls", "sleeps", "the end", "waits"], 3)]
     golds = [e.context + e.delimiter + e.choices[e.gold] for e in ex]
-    r = evaluate_mc(Oracle(golds), ByteTok(), ex)
+    r = evaluate_mc(Oracle(golds), byte_tok, ex)
     assert r["acc"] == 1.0 and r["acc_norm"] == 1.0 and r["n"] == 3
     assert r["acc_ci95"] == (1.0, 1.0)
     assert r["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
 
 
-def test_length_normalisation_by_hand():
+def test_length_normalisation_by_hand(byte_tok):
     # p(c) = 0.3, p(b) = 0.6, p(space) = 0.05: " c" = log .05 + log .3, " bbbb" = log .05 + 4 log .6
     m = FixedDist({"c": 0.3, "b": 0.6, " ": 0.05})
     ll_c = math.log(0.05) + math.log(0.3)
@@ -92,7 +80,7 @@ def test_length_normalisation_by_hand():
     scores = score_continuations(m, [([256, 120], [32, 99]), ([256, 120], [32, 98, 98, 98, 98])])
     assert scores[0][0] == pytest.approx(ll_c, abs=1e-5) and scores[1][0] == pytest.approx(ll_b, abs=1e-5)
     assert ll_c > ll_b and ll_c / 1 < ll_b / 4  # raw sum prefers "c", per byte prefers "bbbb"
-    r = evaluate_mc(m, ByteTok(), [MCExample("x", ["c", "bbbb"], 0)])
+    r = evaluate_mc(m, byte_tok, [MCExample("x", ["c", "bbbb"], 0)])
     assert r["acc"] == 1.0 and r["acc_norm"] == 0.0
     # greedy flag: "b" is the argmax everywhere, " " is not
     assert scores[1][1] is False
@@ -118,27 +106,27 @@ def test_bootstrap_ci_seeded_and_brackets_mean():
     assert a == b and a[0] < 0.3 < a[1] and a[1] - a[0] < 0.25
 
 
-def test_sliding_window_scores_every_token_once():
+def test_sliding_window_scores_every_token_once(byte_tok):
     m = FixedDist({"a": 0.5, "b": 0.25}, max_seq_len=8)
     text = "ab" * 20
     for stride in (1, 3, 8):
-        r = text_perplexity(m, ByteTok(), text, stride=stride)
+        r = text_perplexity(m, byte_tok, text, stride=stride)
         assert r["tokens"] == 40
         nll = -20 * (math.log(0.5) + math.log(0.25))
         assert r["loss"] == pytest.approx(nll / 40, abs=1e-5)
         assert r["bpb"] == pytest.approx(nll / math.log(2) / 40, abs=1e-5)
-    assert text_perplexity(m, ByteTok(), text, stride=8)["windows"] == 5
-    assert text_perplexity(m, ByteTok(), text, stride=4)["windows"] == 9
+    assert text_perplexity(m, byte_tok, text, stride=8)["windows"] == 5
+    assert text_perplexity(m, byte_tok, text, stride=4)["windows"] == 9
 
 
-def test_sliding_window_context_matches_full_forward_on_llama():
+def test_sliding_window_context_matches_full_forward_on_llama(byte_tok):
     from lowbit.config import ModelConfig
     from lowbit.models.llama import Llama
 
     torch.manual_seed(0)
     model = Llama(ModelConfig(size="tiny", vocab_size=320, dim=32, n_layers=1, n_heads=2, ffn_dim=64,
                               max_seq_len=64))
-    tok = ByteTok()
+    tok = byte_tok
     tok.eos_id = 0
     text = "hello world, the quick brown fox."
     full = text_perplexity(model, tok, text, stride=64)  # one window: the plain forward
@@ -175,11 +163,11 @@ def test_nextsent_builder():
         assert e.choices[e.gold] not in e.context
 
 
-def test_oracle_cloze():
+def test_oracle_cloze(byte_tok):
     ex = [ClozeExample("the old", "king"), ClozeExample("a silver", "sword")]
-    r = evaluate_cloze(Oracle([e.context + " " + e.target for e in ex]), ByteTok(), ex)
+    r = evaluate_cloze(Oracle([e.context + " " + e.target for e in ex]), byte_tok, ex)
     assert r["acc"] == 1.0 and r["target_logprob"] > -0.01
-    r = evaluate_cloze(FixedDist({}), ByteTok(), ex)
+    r = evaluate_cloze(FixedDist({}), byte_tok, ex)
     assert r["acc"] == 0.0 and r["target_ppl"] == pytest.approx(257, rel=1e-3)
 
 
