@@ -9,6 +9,8 @@
     lowbit report RUN [RUN ...] --out DIR                              table + plots comparing runs
     lowbit convert RUN --ptq RECIPE                                    post-training quantization baseline
     lowbit convert RUN --to ternary                                    ternary inference from an (8-bit DQT) run
+    lowbit sweep experiments/NAME.toml [--only GLOB]                   a grid of runs, resumable
+    lowbit fit RUN [RUN ...] --out DIR                                 precision scaling law: eff(P) per recipe
     lowbit recipes | lowbit sizes | lowbit config --config ...         listings
 
 Nothing else lives here: every command calls one library function.
@@ -133,6 +135,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    from lowbit.config import ConfigError
+    from lowbit.eval.scaling import ScalingFitError, fit_runs
+
+    try:
+        fit = fit_runs(args.runs, metric=args.metric, out_dir=args.out, reference=args.reference,
+                       fix_alpha=args.fix_alpha, fix_beta=args.fix_beta, fix_e=args.fix_e, tie=args.tie,
+                       eff_mode=args.eff_mode, bootstrap=args.bootstrap, seed=args.seed)
+    except ScalingFitError as e:  # no runs, no reference run, contradictory options: a usage error
+        raise ConfigError(str(e)) from None
+    for w in fit.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(fit.format())
+    if args.out:
+        print(f"wrote {Path(args.out) / 'fit.json'}, fit.png, eff_per_bit.png")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from lowbit.quant.recipes import get_recipe, list_recipes
 
@@ -178,6 +198,29 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lowbit import sweep
+
+    exp = sweep.load_experiment(args.experiment)
+    runs = sweep.plan(exp, extra=sweep.parse_set(args.set), only=args.only)
+    if not runs:
+        from lowbit.config import ConfigError
+
+        raise ConfigError(f"no run of {args.experiment} matches --only {args.only}")
+    print(f"experiment {exp.name}: {len(runs)} runs → {exp.out}")
+    print(sweep.format_plan(runs))
+    if args.dry_run:
+        return 0
+    runs = sweep.execute(exp, runs, parallel=args.parallel, progress=not args.no_progress,
+                         time_limit=args.time_limit)
+    failed = [r.name for r in runs if r.status == "failed"]
+    unfinished = [r.name for r in runs if r.status not in ("done", "failed")]
+    done = len(runs) - len(failed) - len(unfinished)
+    print(f"sweep {exp.name}: {done}/{len(runs)} runs done" + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; to resume: {', '.join(unfinished)}" if unfinished else ""))
+    return 1 if failed else (3 if unfinished else 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
 
@@ -219,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="directory for report.md and loss.png")
     r.set_defaults(fn=cmd_report)
 
+    fi = sub.add_parser("fit", help="precision scaling law L = A/(N·eff(P))^α + B/D^β + E over finished runs: "
+                        "eff(P) per recipe with bootstrap intervals")
+    fi.add_argument("runs", nargs="+", help="run directories, or directories holding them (two levels deep)")
+    fi.add_argument("--metric", choices=["val_loss", "heldout_loss"], default="val_loss")
+    fi.add_argument("--out", help="directory for fit.json, fit.png and eff_per_bit.png")
+    fi.add_argument("--fix-alpha", type=float, help="hold α at this value")
+    fi.add_argument("--fix-beta", type=float, help="hold β at this value")
+    fi.add_argument("--fix-e", type=float, help="hold E (the irreducible loss) at this value")
+    fi.add_argument("--tie", action="store_true", help="β = α (one exponent; for runs at one tokens/param ratio)")
+    fi.add_argument("--eff-mode", choices=["auto", "params", "path"], default="auto", help="eff scales N "
+                    "(params) or N and D together (path); auto: path when every run has the same D/N")
+    fi.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits for the 5–95 %% intervals (0: none)")
+    fi.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    fi.add_argument("--reference", default="bf16", help="recipe with eff ≡ 1 (default bf16)")
+    fi.set_defaults(fn=cmd_fit)
+
     c = sub.add_parser("convert", help="post-training quantization of a trained run (PTQ baseline)")
     c.add_argument("run")
     c.add_argument("--ptq", metavar="RECIPE", help="recipe whose quantizers to apply")
@@ -228,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batches", type=int, default=50)
     c.add_argument("--device", default="auto")
     c.set_defaults(fn=cmd_convert)
+
+    sw = sub.add_parser("sweep", help="run an experiment grid (sizes × recipes × tokens) from one TOML file; "
+                        "finished runs are skipped, interrupted ones resume")
+    sw.add_argument("experiment", help="experiment file (experiments/*.toml)")
+    sw.add_argument("--only", action="append", metavar="GLOB", help="only runs whose name (SIZE-tTPP/RECIPE) "
+                    "matches; repeatable, e.g. --only 's3m-*/quest-*'")
+    sw.add_argument("--parallel", type=int, help="training processes at once (default: the file's)")
+    sw.add_argument("--set", action="append", metavar="section.key=value", help="override for every run "
+                    "(e.g. --set train.device=cuda); repeatable")
+    sw.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop starting runs after this long and "
+                    "interrupt the running ones with a checkpoint (the next sweep resumes them); exit code 3")
+    sw.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
 
     sub.add_parser("recipes", help="list the quantization recipes").set_defaults(fn=cmd_recipes)
     s = sub.add_parser("sizes", help="list the named model sizes")
