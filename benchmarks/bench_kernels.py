@@ -1,0 +1,473 @@
+"""Kernel microbenchmarks: each registered bench times a kernel against its baseline in the same run.
+
+    PYTHONPATH=src python benchmarks/bench_kernels.py                       # every bench, H100 shapes
+    PYTHONPATH=src python benchmarks/bench_kernels.py --only gemm,quest_linear
+    PYTHONPATH=src python benchmarks/bench_kernels.py --smoke --device cpu  # tiny shapes: the script runs
+
+Writes ``benchmarks/results/bench_kernels_<device>.md`` (machine, date, command, one table per bench) and
+prints it. A bench is a function ``(args) -> list[dict]`` registered with ``@bench("name")``; each dict is one
+table row (same keys within a bench). Add a bench by writing one such function; ``--only`` picks by name.
+
+Timing: CUDA events around each call after ``--warmup`` untimed calls (Triton autotuning happens there), median
+of ``--iters``; on the CPU ``time.perf_counter``. TFLOP/s counts 2·M·N·K per GEMM (three GEMMs for a
+forward + backward). The memory-bound hadamard_quant bench uses ``triton.testing.do_bench`` on CUDA instead
+(median; L2 flushed before each call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BENCHES: dict[str, Callable[[argparse.Namespace], list[dict]]] = {}
+
+
+def bench(name: str) -> Callable:
+    """Register a bench under ``name`` (the key ``--only`` takes)."""
+
+    def deco(fn: Callable[[argparse.Namespace], list[dict]]) -> Callable[[argparse.Namespace], list[dict]]:
+        BENCHES[name] = fn
+        return fn
+
+    return deco
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of one call of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for s, e in zip(starts, ends, strict=True):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMM: exact low-bit scaled_mm (Triton, torch._scaled_mm / _int_mm) against bf16 torch.matmul
+# ----------------------------------------------------------------------------------------------------------
+
+#: (model, M tokens, K in, N out): the MLP projections of the 130m and 430m LLaMAs, 16 × 1024 tokens.
+LLAMA_GEMMS = [
+    ("130m up", 16 * 1024, 768, 2048),
+    ("130m down", 16 * 1024, 2048, 768),
+    ("430m up", 16 * 1024, 1664, 4608),
+    ("430m down", 16 * 1024, 4608, 1664),
+]
+SMOKE_GEMMS = [("smoke", 64, 128, 96)]
+
+#: GEMM variants: (name, code dtype or None for bf16, scaled_mm backend, promote)
+GEMM_VARIANTS = {
+    "bf16": (None, None, 0),
+    "fp8-torch": (torch.float8_e4m3fn, "torch", 128),
+    "fp8-triton": (torch.float8_e4m3fn, "triton", 128),
+    "fp8-triton-fastacc": (torch.float8_e4m3fn, "triton", 0),
+    "fp8-triton-promote32": (torch.float8_e4m3fn, "triton", 32),
+    "int8-torch": (torch.int8, "torch", 0),
+    "int8-triton": (torch.int8, "triton", 0),
+}
+DEFAULT_GEMM_VARIANTS = "bf16,fp8-torch,fp8-triton,fp8-triton-fastacc,int8-triton"
+
+
+def _codes(rows: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-128, 128, (rows, k), device=device, dtype=torch.int8)
+    return (torch.randint(-8, 8, (rows, k), device=device).float() + 0.5).to(dtype)  # 4-bit centered grid
+
+
+@bench("gemm")
+def bench_gemm(args: argparse.Namespace) -> list[dict]:
+    """scaled_mm variants vs bf16 ``x @ w.T`` at LLaMA shapes, speed-up relative to bf16 in the same run.
+    fp8 codes: the 4-bit centered grid; int8: the full range; triton = lowbit's kernel (promote = partial sums
+    to float32 every 128 of K; fastacc = never; promote32 = every WGMMA), torch = torch._scaled_mm/_int_mm."""
+    from lowbit.kernels.scaled_mm import scaled_mm
+
+    device = torch.device(args.device)
+    variants = [v.strip() for v in args.gemm_variants.split(",") if v.strip()]
+    rows = []
+    for label, m, k, n in SMOKE_GEMMS if args.smoke else LLAMA_GEMMS:
+        base_ms = None
+        for name in variants:
+            dtype, backend, promote = GEMM_VARIANTS[name]
+            if dtype is None:
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+                fn = lambda x=x, w=w: x @ w.t()  # noqa: E731
+            else:
+                backend = backend if device.type == "cuda" else "ref"
+                a, b = _codes(m, k, dtype, device), _codes(n, k, dtype, device)
+                sa, sb = torch.rand(m, device=device), torch.rand(n, device=device)
+                fn = lambda a=a, b=b, sa=sa, sb=sb, be=backend, p=promote: scaled_mm(  # noqa: E731
+                    a, b, sa, sb, backend=be, promote=p
+                )
+            row = {"shape": label, "M×K→N": f"{m}×{k}→{n}", "variant": name}
+            try:
+                ms = time_ms(fn, device, args.warmup, args.iters)
+            except Exception as e:  # a backend this machine lacks: report, keep going
+                rows.append(row | {"ms": "—", "TFLOP/s": "—", "vs bf16": f"failed: {type(e).__name__}: {str(e)[:60]}"})
+                continue
+            base_ms = ms if name == "bf16" else base_ms
+            speedup = f"{base_ms / ms:.2f}×" if base_ms else "—"
+            rows.append(row | {"ms": f"{ms:.3f}", "TFLOP/s": f"{2 * m * n * k / ms / 1e9:.0f}", "vs bf16": speedup})
+            _free()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# quest_linear forward + backward against a bf16 nn.Linear (and QuantLinear's fake quantization)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@bench("quest_linear")
+def bench_quest_linear(args: argparse.Namespace) -> list[dict]:
+    """Training step of one layer (forward + backward, quantization included) at the GEMM shapes: bf16
+    nn.Linear under autocast (fp32 master weight, as the trainer runs it), QuantLinear quest-w4a4 (fake quant),
+    quest_linear W4A4 with the bf16 and the FP8 backward. Ratio to the bf16 layer in the same run."""
+    rows = []
+    for shape in SMOKE_GEMMS if args.smoke else LLAMA_GEMMS:
+        rows += _quest_linear_rows(args, *shape)
+        _free()
+    return rows
+
+
+def _quest_linear_rows(args: argparse.Namespace, label: str, m: int, k: int, n: int) -> list[dict]:
+    from lowbit.kernels.quest_linear import quest_linear
+    from lowbit.nn.linear import QuantLinear
+    from lowbit.quant.recipes import quest_spec
+
+    device = torch.device(args.device)
+    amp = torch.bfloat16
+    torch.manual_seed(0)
+    layer = QuantLinear(k, n, bias=False, weight_spec=quest_spec(4), act_spec=quest_spec(4), device=device)
+    layer.track_stats = False
+    plain = torch.nn.Linear(k, n, bias=False, device=device)
+    x = torch.randn(m, k, device=device, dtype=amp, requires_grad=True)
+    g = torch.randn(m, n, device=device, dtype=amp)
+    variants = {
+        "bf16 nn.Linear": plain,
+        "QuantLinear quest-w4a4 (fake quant)": layer,
+        "quest_linear W4A4, bf16 backward": lambda t: quest_linear(t, layer.weight, 4, 4),
+        "quest_linear W4A4, fp8 backward": lambda t: quest_linear(t, layer.weight, 4, 4, backward="fp8"),
+    }
+    rows, base_ms = [], None
+    for name, mod in variants.items():
+
+        def step(mod=mod):
+            with torch.autocast(device.type, dtype=amp):
+                y = mod(x)
+            y.backward(g)
+            x.grad = None
+
+        row = {"shape": label, "M×K→N": f"{m}×{k}→{n}", "layer (fwd+bwd)": name}
+        try:
+            ms = time_ms(step, device, args.warmup, args.iters)
+        except Exception as e:  # report, keep going
+            rows.append(row | {"ms": "—", "TFLOP/s": "—", "vs bf16": f"failed: {type(e).__name__}: {str(e)[:60]}"})
+            continue
+        base_ms = ms if base_ms is None else base_ms
+        tflops = 3 * 2 * m * n * k / ms / 1e9
+        rows.append(row | {"ms": f"{ms:.3f}", "TFLOP/s": f"{tflops:.0f}", "vs bf16": f"{base_ms / ms:.2f}×"})
+        plain.zero_grad(set_to_none=True)
+        layer.zero_grad(set_to_none=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hadamard_quant: the fused QuEST quantizer and its backward against the torch reference (memory-bound ops)
+# ----------------------------------------------------------------------------------------------------------
+
+#: (label, rows M, K, dtype): activations of 16 × 1024 tokens at the 130m / 430m widths (bf16 under autocast) and
+#: weights (fp32 master copies), plus the 4096² bf16 case of the kernel tests.
+HQ_SHAPES = [
+    ("4096² bf16", 4096, 4096, torch.bfloat16),
+    ("130m acts", 16 * 1024, 768, torch.bfloat16),
+    ("430m acts", 16 * 1024, 1664, torch.bfloat16),
+    ("430m down acts", 16 * 1024, 4608, torch.bfloat16),
+    ("430m up weight", 4608, 1664, torch.float32),
+]
+SMOKE_HQ = [("smoke", 48, 256, torch.bfloat16)]
+#: Memory copy bandwidth measured on the H100 (DESIGN.md), the roofline of these single-pass kernels.
+COPY_TBPS = 3.0
+#: Launch configurations of --hq-sweep: (block_m, num_warps).
+HQ_SWEEP = [(16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)]
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, args: argparse.Namespace) -> float:
+    """Median ms: ``triton.testing.do_bench`` on CUDA (it flushes L2 before every call, so a memory-bound kernel
+    is timed from DRAM, as in a training step), :func:`time_ms` elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return time_ms(fn, device, args.warmup, args.iters)
+
+
+@bench("hadamard_quant")
+def bench_hadamard_quant(args: argparse.Namespace) -> list[dict]:
+    """QuEST 4-bit quantizer (block-128 Hadamard, RMS·α, centered grid, packed trust mask) → FP8 codes, and its
+    backward Hᵀ(mask ⊙ g): the fused Triton kernels against the torch reference (eager and torch.compile) and
+    lowbit's fake_quantize (the QuantLinear path, forward only). GB/s counts the bytes the fused op must move:
+    forward x + codes (1 B) + mask (1/8 B) + scales, backward g + mask + dx; "% copy" is that over the 3.0 TB/s
+    memory copy; "vs ref" the speed-up over the eager reference. ``--hq-sweep`` adds the kernels' (block_m,
+    num_warps) launch variants."""
+    device = torch.device(args.device)
+    rows = []
+    for label, m, k, dtype in SMOKE_HQ if args.smoke else HQ_SHAPES:
+        ref_ms: dict[str, float] = {}
+        for op, name, nbytes, fn in _hq_variants(args, m, k, dtype, device):
+            row = {"shape": label, "M×K": f"{m}×{k}", "dtype": str(dtype).removeprefix("torch."), "op": op}
+            row["variant"] = name
+            try:
+                with torch.no_grad():
+                    ms = bench_ms(fn, device, args)
+            except Exception as e:  # a backend this machine lacks (no GPU, no triton): report, keep going
+                failed = f"failed: {type(e).__name__}: {str(e)[:60]}"
+                rows.append(row | {"µs": "—", "GB/s": "—", "% copy": "—", "vs ref": failed})
+                continue
+            ref_ms.setdefault(op, ms)  # the eager reference comes first
+            gbs = nbytes / ms / 1e6
+            pct = f"{100 * gbs / (COPY_TBPS * 1e3):.0f}%"
+            rows.append(row | {"µs": f"{ms * 1e3:.1f}", "GB/s": f"{gbs:.0f}", "% copy": pct,
+                               "vs ref": f"{ref_ms[op] / ms:.2f}×"})  # fmt: skip
+        _free()
+    return rows
+
+
+def _hq_variants(args: argparse.Namespace, m: int, k: int, dtype: torch.dtype, device: torch.device) -> list:
+    """(op, variant, bytes moved, callable) for one shape, the eager reference first in each op."""
+    from lowbit.kernels import hadamard_quant as hq
+    from lowbit.quant import fake_quantize
+    from lowbit.quant.recipes import quest_spec
+
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    g = torch.randn(m, k, device=device, dtype=dtype)
+    mask = hq.hadamard_quantize_ref(x, 4)[2]
+    spec = quest_spec(4)
+    esz = x.element_size()
+    fwd_bytes = m * k * (esz + 1) + m * k // 8 + 4 * m
+    bwd_bytes = 2 * m * k * esz + m * k // 8
+    compiled_fwd = torch.compile(hq.hadamard_quantize_ref)
+    compiled_bwd = torch.compile(hq.masked_inverse_hadamard_ref)
+    out = [
+        ("fwd", "reference (eager)", fwd_bytes, lambda: hq.hadamard_quantize_ref(x, 4)),
+        ("fwd", "reference (torch.compile)", fwd_bytes, lambda: compiled_fwd(x, 4)),
+        ("fwd", "fake_quantize (QuantLinear)", fwd_bytes, lambda: fake_quantize(x, spec, rotated=True)),
+        ("fwd", "fused kernel", fwd_bytes, lambda: hq.hadamard_quantize_triton(x, 4)),
+        ("bwd", "reference (eager)", bwd_bytes, lambda: hq.masked_inverse_hadamard_ref(g, mask)),
+        ("bwd", "reference (torch.compile)", bwd_bytes, lambda: compiled_bwd(g, mask)),
+        ("bwd", "fused kernel", bwd_bytes, lambda: hq.masked_inverse_hadamard_triton(g, mask)),
+    ]
+    for bm, nw in HQ_SWEEP if args.hq_sweep else ():
+        cfg = f"kernel block_m={bm} warps={nw}"
+        out.append(
+            ("fwd", cfg, fwd_bytes, lambda bm=bm, nw=nw: hq.hadamard_quantize_triton(x, 4, block_m=bm, num_warps=nw))
+        )
+        out.append(
+            (
+                "bwd",
+                cfg,
+                bwd_bytes,
+                lambda bm=bm, nw=nw: hq.masked_inverse_hadamard_triton(g, mask, block_m=bm, num_warps=nw),
+            )
+        )
+    return sorted(out, key=lambda v: v[0] == "bwd")  # stable: forward rows, then backward rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DQT optimizer step: the fused Triton kernel (lowbit.kernels.dqt_step) against DirectOptimizer's torch path
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _llama_linears(size: str) -> list[tuple[int, int]]:
+    """(N, K) of the 7 block projections of every layer of a model size (lowbit.models.llama.SIZES)."""
+    from lowbit.config import ModelConfig
+
+    cfg = ModelConfig(size=size)
+    d, f, kv = cfg.dim, cfg.ffn_dim, cfg.n_kv_heads * (cfg.dim // cfg.n_heads)
+    return [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)] * cfg.n_layers
+
+
+#: state dtype → bytes per weight the step must move besides the codes: gradient read (4) + both moments read
+#: and written (fp32 16, bf16 8, 8-bit 4 + the absmax of 256-value blocks).
+DQT_STATE_BYTES = {"fp32": 4 + 16.0, "bf16": 4 + 8.0, "8bit": 4 + 4 + 4 * 4 / 256}
+
+
+@bench("dqt_step")
+def bench_dqt_step(args: argparse.Namespace) -> list[dict]:
+    """One DQT AdamW optimizer step over the 91 block matrices of the 430m LLaMA (443 M weights; stashed
+    gradients, per-tensor Δ, stochastic rounding): DirectOptimizer's torch path against the fused Triton kernel
+    (one grouped launch), int8 and ternary codes, fp32/bf16/8-bit moments. GB/s counts the bytes the step must
+    move: codes read and written (2 B int8, 0.5 B ternary), gradient read (4 B), moments read and written;
+    "% copy" is that over the 3.0 TB/s memory copy. "kernels" counts CUDA kernels and copies of one step
+    (torch.profiler). ``--dqt-tiles 2048x8,1024x4`` adds fused rows with those (elements per program, warps)."""
+    from lowbit.kernels import dqt_step
+    from lowbit.nn import DirectQuantLinear
+    from lowbit.optim import DirectOptimizer
+    from lowbit.quant import get_recipe
+
+    device = torch.device(args.device)
+    shapes = [(64, 96), (96, 64)] if args.smoke else _llama_linears("430m")
+    n_weights = sum(n * k for n, k in shapes)
+    fused_ok = dqt_step.available() and (device.type == "cuda") != dqt_step.interpreted()
+    tiles = [tuple(int(v) for v in t.split("x")) for t in getattr(args, "dqt_tiles", "").split(",") if t.strip()]
+    rows = []
+    for recipe in ("dqt-int8", "dqt-ternary"):
+        spec = get_recipe(recipe).weight
+        code_bytes = 2 * (8 if spec.info.levels > 16 else 2) / 8
+        torch.manual_seed(0)
+        mods = []
+        for i, (n, k) in enumerate(shapes):
+            mods.append((f"layers.{i // 7}.p{i % 7}", DirectQuantLinear(torch.randn(n, k, device=device) * 0.02,
+                                                                        weight_spec=spec)))  # fmt: skip
+        for _, m in mods:
+            m.weight_grad = torch.randn(m.weight_shape, device=device) * 1e-3
+        for state in ("fp32", "bf16", "8bit"):
+            nbytes = n_weights * (code_bytes + DQT_STATE_BYTES[state])
+            variants = [("torch path", False, None)] + [("fused kernel", True, None)]
+            variants += [(f"fused kernel {b}×{w}", True, (b, w)) for b, w in tiles]
+            base_ms = None
+            for name, fused, tile in variants:
+                row = {"codes": recipe, "states": state, "path": name}
+                if fused and not fused_ok:
+                    rows.append(row | {"ms": "—", "GB/s": "—", "% copy": "—", "kernels": "—", "vs torch": "needs CUDA"})
+                    continue
+                opt = DirectOptimizer(mods, lr=1e-4, weight_decay=0.1, state_dtype=state, fused=fused)
+                saved = dict(dqt_step.TILES)
+                if tile:
+                    dqt_step.TILES.update({k: tile for k in dqt_step.TILES})
+                try:
+                    opt.step()  # creates the states; compiles the kernel
+                    kernels = _count_cuda_kernels(opt.step) if device.type == "cuda" else "—"
+                    ms = time_ms(opt.step, device, min(args.warmup, 3), args.iters if fused else min(args.iters, 10))
+                except Exception as e:  # report, keep going
+                    rows.append(row | {"ms": "—", "GB/s": "—", "% copy": "—", "kernels": "—",
+                                       "vs torch": f"failed: {type(e).__name__}: {str(e)[:60]}"})  # fmt: skip
+                    continue
+                finally:
+                    dqt_step.TILES.update(saved)
+                base_ms = ms if base_ms is None else base_ms
+                gbs = nbytes / ms / 1e6
+                pct = f"{100 * gbs / (COPY_TBPS * 1e3):.0f}%"
+                rows.append(row | {"ms": f"{ms:.2f}", "GB/s": f"{gbs:.0f}", "% copy": pct, "kernels": kernels,
+                                   "vs torch": f"{base_ms / ms:.1f}×"})  # fmt: skip
+                del opt
+                _free()
+        del mods
+        _free()
+    return rows
+
+
+def _count_cuda_kernels(fn: Callable[[], object]) -> int | str:
+    """CUDA kernels and memory copies launched by one call of ``fn`` (torch.profiler); "—" if unavailable."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+    except Exception:  # profiler unavailable (CUPTI): the column stays empty
+        return "—"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _machine(device: torch.device) -> str:
+    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        parts.append("no triton")
+    if device.type == "cuda":
+        parts.insert(0, f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
+    else:
+        parts.insert(0, platform.processor() or platform.machine())
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", default="", help=f"comma-separated bench names (default all: {', '.join(BENCHES)})")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (a check that the script runs)")
+    p.add_argument("--gemm-variants", default=DEFAULT_GEMM_VARIANTS,
+                   help=f"gemm bench: comma-separated of {', '.join(GEMM_VARIANTS)}")  # fmt: skip
+    p.add_argument("--hq-sweep", action="store_true",
+                   help="hadamard_quant bench: also time the kernels' (block_m, num_warps) variants")  # fmt: skip
+    p.add_argument("--dqt-tiles", default="", help="dqt_step bench: extra fused rows, e.g. 2048x8,1024x4 "
+                   "(elements per program × warps)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="report path (default results/bench_kernels_<device>.md)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        p.error(f"unknown bench {unknown}; choose from {list(BENCHES)}")
+    device = torch.device(args.device)
+    report = [
+        "# Kernel microbenchmarks\n",
+        f"- machine: {_machine(device)}",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `PYTHONPATH=src python {shlex.join(['benchmarks/bench_kernels.py', *sys.argv[1:]])}`",
+        f"- timing: median of {args.iters} calls after {args.warmup} warm-up calls\n",
+    ]
+    for name in names:
+        rows = BENCHES[name](args)
+        doc = (BENCHES[name].__doc__ or "").strip().replace("\n", " ")
+        report += [f"## {name}\n", " ".join(doc.split()) + "\n", _table(rows)]
+        print(f"[bench_kernels] {name}: done", file=sys.stderr)
+    text = "\n".join(report)
+    out = args.out or RESULTS_DIR / f"bench_kernels_{'smoke_' if args.smoke else ''}{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
