@@ -253,6 +253,11 @@ class DQTConfig:
     seed: int | None = None
     """Seed of the stochastic-rounding noise (a pure function of seed, step, tensor, element); None =
     train.seed."""
+    fused: str = "auto"
+    """The fused Triton kernel for the AdamW update of the quantized weights (lowbit.kernels.dqt_step: one
+    launch for all tensors, each read and written once): "auto" (when the weights are on CUDA and triton is
+    importable), "on" (required: an error where it cannot run), "off" (the torch ops). Same results (up to a
+    rare last-bit rounding difference) and the same checkpoint format either way; optimizer="adamw" only."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -261,6 +266,7 @@ class DQTConfig:
             "clip": ("tensor", "previous"),
             "scale": ("frozen", "recompute", "signed_max"),
             "granularity": ("auto", "tensor", "row", "group"),
+            "fused": ("auto", "on", "off"),
         }
         for name, choices in checks.items():
             if getattr(self, name) not in choices:
@@ -268,6 +274,9 @@ class DQTConfig:
         _positive(self, "scale_every", "group_size")
         if self.seed is not None and self.seed < 0:
             raise ConfigError(f"dqt.seed must be >= 0 or None, got {self.seed}")
+        if self.fused == "on" and self.optimizer != "adamw":
+            raise ConfigError(f"dqt.fused=on: the fused kernel implements optimizer=adamw only, not "
+                              f"{self.optimizer!r}; use dqt.fused=auto or off")
 
 
 @dataclass

@@ -29,6 +29,14 @@ and applies the update immediately, so no full-model gradient buffer exists; gra
 impossible (refused by the config). Otherwise gradients are stashed on the modules, clipped by the global
 norm over all gradients (float and stashed), and applied in :meth:`DirectOptimizer.step`.
 
+Fused step (``fused``; ``dqt.fused``): on CUDA, with triton importable, the AdamW update of every tensor runs
+as one Triton kernel per group of tensors sharing a grid (:mod:`lowbit.kernels.dqt_step`): it reads codes,
+gradient and moments once and writes them once, with the same counter-based noise, and no host sync. It
+computes the same function as the torch path below (to the last bit but for a rare rounding-threshold
+crossing, see the kernel's docstring) and keeps the same state tensors, so checkpoints move freely between the
+two. Rules ``sgd``/``adafactor``, the re-fitting steps of ``scale="recompute"`` and tensors the kernel does
+not take (:func:`lowbit.kernels.dqt_step.supports`) use the torch path.
+
 Float parameters (embeddings, lm_head, norms, biases, unless quantized too) are trained by an ordinary
 ``torch.optim.AdamW`` inside the same object, so the trainer sees ONE optimizer: ``step``, ``zero_grad``,
 ``param_groups`` (the last group is the DQT one; setting its ``lr`` sets the DQT learning rate), ``state``
@@ -78,7 +86,9 @@ class DirectOptimizer:
     ``weight_decay`` applies to matrices of the blocks, and to embedding/lm_head codes only with
     ``decay_embeddings``; 1-D tensors (norm gains) are never decayed. ``grad_clip``: the max norm (0 = off).
     ``chunk_elems``: rows of a tensor are updated in chunks of about this many values (the only float32
-    scratch), with identical results for any chunking.
+    scratch), with identical results for any chunking. ``fused``: the Triton kernel for rule adamw — None
+    (auto: when the codes are on CUDA and triton is importable), True (required: raises where it cannot run;
+    on CPU only under ``TRITON_INTERPRET=1``, for tests), False (the torch path).
     """
 
     def __init__(
@@ -100,8 +110,11 @@ class DirectOptimizer:
         clip: str = "tensor",
         seed: int = 0,
         chunk_elems: int | None = None,
+        fused: bool | None = None,
     ) -> None:
         _check("rule", rule, RULES)
+        if fused and rule != "adamw":
+            raise ValueError(f"fused=True: the fused DQT step implements rule='adamw' only, not {rule!r}")
         _check("state_dtype", state_dtype, STATE_DTYPES)
         _check("scale", scale, SCALE_POLICIES)
         _check("clip", clip, CLIP_MODES)
@@ -118,6 +131,10 @@ class DirectOptimizer:
         }
         self._decays = {n: self._decayed(n, m, decay_embeddings) for n, m in self.modules}
         self._streams = {n: stream_id(n + ".weight") for n, _ in self.modules}
+        self._state_streams = {n: (stream_id(f"{n}.exp_avg"), stream_id(f"{n}.exp_avg_sq")) for n, _ in self.modules}
+        self.fused = fused
+        self._fused_ok: dict[str, bool] = {}  # per tensor: whether the fused kernel takes it (resolved on first use)
+        self._specs: dict[int, Any] = {}  # per module: the spec of its update (see _spec)
         self._names = {id(m): n for n, m in self.modules}
         self.dqt_state: dict[str, dict[str, Any]] = {n: {"step": 0} for n, _ in self.modules}
         self.prev_norm: torch.Tensor | None = None  # global gradient norm of the previous step (clip=previous)
@@ -158,9 +175,16 @@ class DirectOptimizer:
         if closure is not None:
             raise ValueError("DirectOptimizer.step takes no closure")
         if not self.update_in_backward:
+            fused: dict[Any, list[tuple[str, DirectModule, torch.Tensor]]] = {}
             for n, m in self.modules:
-                if m.weight_grad is not None:
+                if m.weight_grad is None:
+                    continue
+                if self._use_fused(n, m):
+                    fused.setdefault((self._spec(m), m.weight_codes.device), []).append((n, m, m.weight_grad))
+                else:
                     self._update(n, m, m.weight_grad)
+            for items in fused.values():  # one launch per grid spec and device (usually one for the whole model)
+                self._fused_update(items)
         if self.float_opt is not None:
             self.float_opt.step()
 
@@ -214,6 +238,9 @@ class DirectOptimizer:
             sq = _sq_norm(grad)
             self._bwd_sq.append(sq)  # a non-finite gradient makes the step's norm non-finite: the trainer stops
             coef = self._clip_coef(sq, self.grad_clip)
+            if self._use_fused(name, mod):  # clip and NaN guard inside the kernel: no extra passes
+                self._fused_update([(name, mod, grad)], coef=coef, zero_nonfinite=True)
+                return
             if coef is not None:
                 grad = grad * coef
             # ...but the codes are written right here, before that check: never let NaN/inf reach them
@@ -293,22 +320,13 @@ class DirectOptimizer:
         k = shape[-1]
         rows = mod.weight_numel // k
         dev = mod.weight_codes.device
-        spec = mod.store_spec.replace(rounding=mod.update_rounding)
+        spec = self._spec(mod)
         info = spec.info
         g_all = grad.reshape(rows, k)
         scale_old = mod.weight_scale
         per_tensor = scale_old.dim() == 0
-        recompute = self.scale == "recompute" and t % self.scale_every == 0
-        # the new step Δ' (None: quantize() re-fits it with the spec's rule)
-        scale_new: torch.Tensor | None = scale_old
-        if recompute:
-            scale_new = None
-        elif self.scale == "signed_max":
-            # the reference SR step: Δ' = max(W_before)/top per scale group, the *signed* maximum of the
-            # pre-update tensor (= Δ·(max code + offset)), so the representable range never grows
-            top_code = _groups(mod.codes(), spec).amax(-1).float()  # (R, G)
-            s = scale_old.reshape(top_code.shape) * (top_code + info.offset) / info.top
-            scale_new = s.clamp_min(spec.eps / info.top).reshape(scale_old.shape)
+        recompute = self._recompute(t)
+        scale_new = self._new_scale(mod, spec, t)  # None: quantize() re-fits it with the spec's rule
         factored = self.rule == "adafactor" and len(shape) == 2
         if factored:  # row/column means of g² need the whole gradient: one pass first
             r = st.setdefault("exp_avg_sq_row", torch.zeros(rows, dtype=torch.float32, device=dev))
@@ -374,6 +392,96 @@ class DirectOptimizer:
             scale_old.copy_(steps_out[0].reshape(()))  # after the loop: every chunk decoded with the old Δ
         mod.last_flips = flips
         st["step"] = t
+
+    def _spec(self, mod: DirectModule) -> Any:
+        """The spec the update rounds with: the codes' own (no rotation), with the recipe's update rounding."""
+        spec = self._specs.get(id(mod))
+        if spec is None:
+            spec = self._specs[id(mod)] = mod.store_spec.replace(rounding=mod.update_rounding)
+        return spec
+
+    def _recompute(self, t: int) -> bool:
+        return self.scale == "recompute" and t % self.scale_every == 0
+
+    def _new_scale(self, mod: DirectModule, spec: Any, t: int) -> torch.Tensor | None:
+        """The step Δ' the update rounds onto: the current one (frozen), None (recompute: re-fitted by
+        quantize() on the updated values), or the reference's signed-max rescale."""
+        scale_old = mod.weight_scale
+        if self._recompute(t):
+            return None
+        if self.scale == "signed_max":
+            # the reference SR step: Δ' = max(W_before)/top per scale group, the *signed* maximum of the
+            # pre-update tensor (= Δ·(max code + offset)), so the representable range never grows
+            info = spec.info
+            top_code = _groups(mod.codes(), spec).amax(-1).float()  # (R, G)
+            s = scale_old.reshape(top_code.shape) * (top_code + info.offset) / info.top
+            return s.clamp_min(spec.eps / info.top).reshape(scale_old.shape)
+        return scale_old
+
+    # ---- the fused (Triton) update ------------------------------------------------------------------------
+    def _use_fused(self, name: str, mod: DirectModule) -> bool:
+        """Whether this tensor's next update runs in the fused kernel (see the module docstring)."""
+        if self.fused is False or self.rule != "adamw":
+            return False
+        ok = self._fused_ok.get(name)
+        if ok is None:  # once per tensor: the device, Triton, and whether the kernel takes the tensor
+            from lowbit.kernels import dqt_step  # imports no Triton: the kernels are built on first use
+
+            dev = mod.weight_codes.device.type
+            possible = dqt_step.available() and (dev == "cuda") != dqt_step.interpreted()
+            if self.fused and not possible:
+                raise RuntimeError(f"fused=True (dqt.fused=on) needs Triton and CUDA tensors (or CPU tensors under "
+                                   f"TRITON_INTERPRET=1); the DQT codes of {name} are on {dev}")
+            if self.fused is None and dev != "cuda":
+                possible = False  # auto: CUDA only
+            ok = self._fused_ok[name] = possible and dqt_step.supports(
+                mod.weight_shape, mod.store_spec.info.levels, self.state_dtype)
+        return ok and not self._recompute(self.dqt_state[name]["step"] + 1)
+
+    @torch.no_grad()
+    def _fused_update(self, items: list[tuple[str, DirectModule, torch.Tensor]], coef: torch.Tensor | None = None,
+                      zero_nonfinite: bool = False) -> None:
+        """The AdamW update of tensors sharing one grid spec, in one kernel launch. The states are the torch
+        path's own tensors (created here on first use), so checkpoints are interchangeable between the paths."""
+        from lowbit.kernels import dqt_step
+
+        grp = self.dqt_group
+        spec = self._spec(items[0][1])
+        eight = self.state_dtype == "8bit"
+        suffix = "_q" if eight else ""
+        codes, grads, ms, vs, mas, vas, scales, new_scales, steps, wds, streams, m_streams, v_streams = (
+            [] for _ in range(13))
+        for name, mod, grad in items:
+            st = self.dqt_state[name]
+            t = st["step"] + 1
+            if "exp_avg" + suffix not in st:
+                dev = mod.weight_codes.device
+                self._state_tensor(st, "exp_avg", mod.weight_numel, mod.weight_shape, dev, False)
+                self._state_tensor(st, "exp_avg_sq", mod.weight_numel, mod.weight_shape, dev, True)
+            codes.append(mod.weight_codes)
+            grads.append(grad if grad.dtype == torch.float32 and grad.is_contiguous() else grad.float().contiguous())
+            ms.append(st["exp_avg" + suffix])
+            vs.append(st["exp_avg_sq" + suffix])
+            if eight:
+                mas.append(st["exp_avg_absmax"])
+                vas.append(st["exp_avg_sq_absmax"])
+                m_streams.append(self._state_streams[name][0])
+                v_streams.append(self._state_streams[name][1])
+            scales.append(mod.weight_scale)
+            new_scales.append(self._new_scale(mod, spec, t))
+            steps.append(t)
+            wds.append(grp["weight_decay"] if self._decays[name] else 0.0)
+            streams.append(self._streams[name])
+        flips = dqt_step.dqt_adamw_step_triton(
+            codes, grads, ms, vs, mas, vas, scales, new_scales, [] if coef is None else [coef], steps, wds, streams,
+            m_streams, v_streams, grp["lr"], grp["betas"][0], grp["betas"][1], grp["eps"], self.seed, spec.bits,
+            spec.grid, spec.granularity, spec.group_size, spec.rounding == "stochastic", zero_nonfinite,
+        )
+        for (name, mod, _), f, s_new, t in zip(items, flips.unbind(), new_scales, steps, strict=True):
+            mod.last_flips = f
+            if s_new is not mod.weight_scale:  # signed_max: written after the kernel has read the old Δ
+                mod.weight_scale.copy_(s_new)
+            self.dqt_state[name]["step"] = t
 
     def _write_back(self, name: str, mod: DirectModule, w: torch.Tensor, spec: Any, scale: torch.Tensor | None,
                     t: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +579,7 @@ class DirectOptimizer:
 
     def __repr__(self) -> str:
         return (f"DirectOptimizer(rule={self.rule}, state_dtype={self.state_dtype}, scale={self.scale}, "
-                f"update_in_backward={self.update_in_backward}, {len(self.modules)} DQT tensors, "
+                f"update_in_backward={self.update_in_backward}, fused={self.fused}, {len(self.modules)} DQT tensors, "
                 f"float={type(self.float_opt).__name__})")
 
 
@@ -496,4 +604,5 @@ def build_direct_optimizer(model: nn.Module, cfg: Any, device: torch.device, dqt
         state_dtype=opts.state_dtype, scale=opts.scale, scale_every=opts.scale_every,
         update_in_backward=opts.update_in_backward, clip=opts.clip,
         seed=cfg.seed if opts.seed is None else opts.seed,
+        fused={"auto": None, "on": True, "off": False}[opts.fused],
     )

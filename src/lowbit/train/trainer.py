@@ -47,6 +47,7 @@ class TrainingDiverged(RuntimeError):
 RESUMABLE_CHANGES = {
     "train.eval_every", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.progress",
     "train.tensorboard", "train.compile", "train.device", "data.dir",
+    "dqt.fused",  # fused Triton or torch update: the same function and the same state tensors
 }
 
 
