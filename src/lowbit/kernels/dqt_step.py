@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import math
-import os
 import struct
 import types
 from collections import Counter
@@ -64,6 +62,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lowbit.kernels._triton import has_triton, jit_namespace
+from lowbit.kernels._triton import interpreting as _interpreting
 from lowbit.optim import blockwise
 from lowbit.quant import QuantSpec, dequantize, quantize
 from lowbit.quant.packing import pack, storage_bits, unpack
@@ -503,14 +503,6 @@ _NOSPEC = {
 }  # fmt: skip
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-@functools.cache
-def has_triton() -> bool:
-    """Whether Triton is installed (the fused step needs it: ``pip install 'lowbit[triton]'``)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -523,13 +515,8 @@ def _kernels(interpret: bool) -> types.SimpleNamespace:
 
     if interpret != _interpreting():
         raise RuntimeError("TRITON_INTERPRET changed while the kernels were being built")
-    ns = dict(globals(), triton=triton, tl=tl, INV_16129=tl.constexpr(INV_16129))
-    for name in (*_JIT_FUNCTIONS, *_NOSPEC):
-        fn = globals()[name]
-        clone = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
-        clone.__qualname__, clone.__module__, clone.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-        clone.__annotations__ = dict(fn.__annotations__)
-        ns[name] = triton.jit(clone, do_not_specialize=_NOSPEC.get(name, ()))
+    ns = jit_namespace(globals(), (*_JIT_FUNCTIONS, *_NOSPEC), dict(triton=triton, tl=tl,
+                       INV_16129=tl.constexpr(INV_16129)), nospec=_NOSPEC)
     return types.SimpleNamespace(
         triton=triton, tensor=ns["_dqt_step_kernel"], group=ns["_dqt_step_group_kernel"], noise=ns["_noise_kernel"]
     )

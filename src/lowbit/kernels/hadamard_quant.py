@@ -67,14 +67,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import math
 import os
-import types
 from dataclasses import dataclass
 
 import torch
 
+from lowbit.kernels._triton import has_triton as _triton_available
+from lowbit.kernels._triton import interpreting as _interpreting
+from lowbit.kernels._triton import jit_namespace
 from lowbit.quant.core import quantize
 from lowbit.quant.gaussian import REFERENCE_ALPHA
 from lowbit.quant.grids import n_levels
@@ -456,13 +457,6 @@ _JIT_FUNCTIONS = (
 )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass(frozen=True)
@@ -487,13 +481,7 @@ def _kernels() -> _Kernels:
     interpret = _interpreting()
     if _imported_interpreted(tl) != interpret:
         raise RuntimeError(_MODE_ERROR)
-    ns = dict(globals(), triton=triton, tl=tl, libdevice=libdevice)
-    for name in _JIT_FUNCTIONS:
-        fn = globals()[name]
-        clone = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
-        clone.__qualname__, clone.__module__, clone.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-        clone.__annotations__ = dict(fn.__annotations__)
-        ns[name] = triton.jit(clone)
+    ns = jit_namespace(globals(), _JIT_FUNCTIONS, dict(triton=triton, tl=tl, libdevice=libdevice))
     return _Kernels(ns["_hq_fwd_kernel"], ns["_mih_bwd_kernel"], interpret)
 
 

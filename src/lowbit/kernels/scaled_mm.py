@@ -71,12 +71,12 @@ runs when triton was imported before TRITON_INTERPRET was set.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-import types
 from dataclasses import dataclass
 
 import torch
+
+from lowbit.kernels._triton import has_triton, jit_namespace
+from lowbit.kernels._triton import interpreting as _interpreting
 
 __all__ = ["scaled_mm", "scaled_mm_ref", "has_triton", "CODE_DTYPES", "BACKENDS"]
 
@@ -91,14 +91,6 @@ K_MULTIPLE = 16
 triton = tl = None  # placeholders: the real modules live in _kernels()' per-mode namespaces
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-@functools.cache
-def has_triton() -> bool:
-    """Whether Triton is installed (the ``triton`` backend needs it: ``pip install 'lowbit[triton]'``)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,13 +338,7 @@ def _kernels(interpret: bool) -> _Kernels:
 
     if interpret != _interpreting():
         raise RuntimeError("TRITON_INTERPRET changed while the kernels were being built")
-    ns = dict(globals(), triton=triton, tl=tl)
-    for name in _JIT_FUNCTIONS:
-        fn = globals()[name]
-        clone = types.FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__, fn.__closure__)
-        clone.__qualname__, clone.__module__, clone.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
-        clone.__annotations__ = dict(fn.__annotations__)
-        ns[name] = triton.jit(clone)
+    ns = jit_namespace(globals(), _JIT_FUNCTIONS, dict(triton=triton, tl=tl))
     kernel = ns["_scaled_mm_kernel"]
     configs = [
         triton.Config(
