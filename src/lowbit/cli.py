@@ -9,6 +9,12 @@
     lowbit report RUN [RUN ...] --out DIR                              table + plots comparing runs
     lowbit convert RUN --ptq RECIPE                                    post-training quantization baseline
     lowbit convert RUN --to ternary                                    ternary inference from an (8-bit DQT) run
+    lowbit convert RUN --to packed [--ternary-format base3]            packed low-bit inference file
+    lowbit generate RUN_OR_PACKED --prompt "..." [--temperature 0]     stream a continuation
+    lowbit export RUN --format hf|hf-bitnet|gguf [--out DIR]           Hugging Face / GGUF export
+    lowbit train --init hf:PATH ...                                    start from a Hugging Face Llama checkpoint
+    lowbit train --nproc N ... train.parallel=ddp|fsdp2                N processes (= torchrun -m lowbit.cli train)
+    lowbit convert RUN --from-dcp                                      sharded checkpoint → single-file safetensors
     lowbit sweep experiments/NAME.toml [--only GLOB]                   a grid of runs, resumable
     lowbit fit RUN [RUN ...] --out DIR                                 precision scaling law: eff(P) per recipe
     lowbit recipes | lowbit sizes | lowbit config --config ...         listings
@@ -27,15 +33,24 @@ from pathlib import Path
 def _config(args):
     from lowbit.config import load_config
 
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "init", None):  # --init hf:PATH is model.init (architecture + tokenizer + weights)
+        overrides.append(f"model.init={json.dumps(args.init)}")
+    return load_config(args.config, overrides)
 
 
 def cmd_train(args) -> int:
     from lowbit.eval.report import markdown_table, run_row
     from lowbit.train.trainer import Trainer
 
+    if args.nproc:  # the same command on N processes through torchrun (docs/distributed.md)
+        from lowbit.distributed.launch import launch
+
+        return launch(args.nproc, args.argv)
     cfg = _config(args)
     summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
+    if summary.get("world_size", 1) > 1 and not _is_rank0():
+        return 0  # rank 0 prints the result
     init, final = summary.get("initial", {}), summary.get("final", {})
     print("\n## result\n")
     if init and final and "val_loss" in init:
@@ -47,6 +62,12 @@ def cmd_train(args) -> int:
     print(markdown_table([run_row(cfg.train.out_dir)]))
     print(f"run directory: {cfg.train.out_dir}  (loss curve: {Path(cfg.train.out_dir) / 'loss.png'})")
     return 0
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_data(args) -> int:
@@ -185,8 +206,19 @@ def cmd_convert(args) -> int:
     from lowbit.config import ConfigError
     from lowbit.convert import ptq_run
 
+    if args.from_dcp:
+        from lowbit.distributed.checkpoint import consolidate, is_dcp
+        from lowbit.train.checkpoint import latest_checkpoint
+
+        path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.run)
+        if path is None or not is_dcp(path):
+            raise ConfigError(f"--from-dcp: {path or args.run} is not a sharded (DCP) checkpoint")
+        print(f"wrote {consolidate(path)}/model.safetensors (+ optim.safetensors)")
+        return 0
     if (args.ptq is None) == (args.to is None):
-        raise ConfigError("lowbit convert needs exactly one of --ptq RECIPE or --to ternary")
+        raise ConfigError("lowbit convert needs exactly one of --ptq RECIPE or --to ternary|packed")
+    if args.to == "packed":
+        return _convert_packed(args)
     if args.to is not None:
         from lowbit.convert import ternary_run
 
@@ -196,6 +228,106 @@ def cmd_convert(args) -> int:
     out = ptq_run(args.run, args.ptq, args.out, batches=args.batches, device=args.device)
     print(f"wrote {out}")
     return 0
+
+
+def cmd_export(args) -> int:
+    from lowbit.export import export
+
+    opts: dict = {}
+    if args.format in ("hf", "hf-bitnet"):
+        opts = {"strict": args.strict, "dtype": args.dtype}
+        if args.format == "hf-bitnet":
+            opts["linear_class"] = args.bitnet_linear
+    else:  # gguf: lowbit.export.gguf.export_gguf prints its own summary, notes and warnings
+        opts = {"allow_dequantized": args.allow_dequantized, "ternary_type": args.ternary_type,
+                "weight_type": args.weight_type, "float_type": args.float_type, "tokenizer": args.tokenizer}
+    out = args.out
+    if args.format == "gguf" and out is None:
+        out = str(args.run).rstrip("/") + ".gguf"
+    r = export(args.run, args.format, out, **opts)
+    if args.format == "gguf":  # the summary is printed by export_gguf
+        return 0
+    for w in r.warnings:
+        print(f"lowbit export: warning: {w}", file=sys.stderr)
+    d = r.logit_diff
+    print(f"wrote {r.out} ({args.format}, {r.metadata['recipe']}, step {r.metadata['step']}): vs lowbit's model "
+          f"max |Δlogit| {d['max_abs_logit_diff']:.4g}, mean {d['mean_abs_logit_diff']:.4g}, loss "
+          f"{d['loss_lowbit']:.4f} → {d['loss_export']:.4f} ({d['tokens']} tokens, {d['source']})"
+          + ("" if r.exact else "  [activations not reproduced: see the warning]"))
+    return 0
+
+
+def _convert_packed(args) -> int:
+    from lowbit.export.packed import convert_packed
+
+    r = convert_packed(args.run, args.out, ternary_format=args.ternary_format, float_dtype=args.float_dtype)
+    mib = lambda n: f"{n / 2**20:.2f} MiB"
+    line = f"wrote {r['file']}: {r['layers']} packed linears, {mib(r['bytes'])} on disk"
+    line += f" vs {mib(r['bf16_bytes'])} as a bf16 checkpoint ({r['bf16_bytes'] / r['bytes']:.2f}× smaller)"
+    if r["source_bytes"]:
+        line += f"; the run's checkpoint weights: {mib(r['source_bytes'])}"
+    print(line)
+    if r["tokenizer"] is None:
+        print("note: the run's dataset has no tokenizer to copy; pass --tokenizer to lowbit generate", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from lowbit.config import ConfigError
+    from lowbit.generate import generate
+    from lowbit.runs import resolve_device
+
+    device = resolve_device(args.device)
+    src = Path(args.model)
+    amp = None
+    if (src / "config.json").is_file():  # a training run: its fake-quant model
+        from lowbit.runs import autocast_dtype, load_run
+
+        model, cfg, _ = load_run(src, device)
+        amp = autocast_dtype(cfg.train.precision, device)
+        tok_src = args.tokenizer or cfg.data.dir
+    else:
+        from lowbit.export.packed import is_packed, load_packed
+
+        if not is_packed(src):
+            raise ConfigError(f"{src} is neither a run directory (config.json) nor a packed model "
+                              f"(`lowbit convert RUN --to packed`)")
+        model, meta = load_packed(src, device)
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        tok_src = args.tokenizer or (src / meta["tokenizer"] if meta.get("tokenizer") else None)
+        if tok_src is None:
+            raise ConfigError(f"{src} holds no tokenizer; pass --tokenizer FILE_OR_DATASET_DIR")
+    tok = _load_any_tokenizer(tok_src)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
+    cuda_graphs = device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs
+    if args.prompt is None and not sys.stdin.isatty():
+        args.prompt = sys.stdin.read()
+    try:
+        pieces = generate(model, tok, args.prompt or "", args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=device, amp_dtype=amp,
+                          cuda_graphs=cuda_graphs)
+        if args.echo:
+            print(args.prompt or "", end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+    except ValueError as e:  # prompt too long, bad sampling option
+        raise ConfigError(str(e)) from None
+    print()
+    return 0
+
+
+def _load_any_tokenizer(path):
+    """A prepared dataset directory (its checked tokenizer) or a tokenizer file / directory."""
+    from lowbit.data import load_tokenizer
+    from lowbit.data.tokenizer import Tokenizer
+
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return load_tokenizer(p)
+    return Tokenizer.load(p)
 
 
 def cmd_sweep(args) -> int:
@@ -231,11 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp):
         sp.add_argument("--config", "-c", help="TOML run recipe (configs/*.toml)")
         sp.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+        sp.add_argument("--init", metavar="hf:PATH", help="start from a local Hugging Face Llama checkpoint: "
+                        "architecture, tokenizer and weights (= model.init=hf:PATH)")
 
     t = sub.add_parser("train", help="train a model (prepares the data first if needed)")
     with_config(t)
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir exactly")
     t.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    t.add_argument("--nproc", type=int, metavar="N", help="train on N local processes (torchrun; set "
+                   "train.parallel=ddp or fsdp2; train.batch_size is per process)")
     t.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("data", help="prepare a dataset: tokenizer + token shards")
@@ -281,12 +417,62 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="post-training quantization of a trained run (PTQ baseline)")
     c.add_argument("run")
     c.add_argument("--ptq", metavar="RECIPE", help="recipe whose quantizers to apply")
-    c.add_argument("--to", choices=["ternary"], help="re-quantize the run's weights with BitNet's absmean "
-                   "ternariser, no retraining (DQT: ternary inference from an 8-bit model)")
+    c.add_argument("--to", choices=["ternary", "packed"], help="ternary: re-quantize the run's weights with "
+                   "BitNet's absmean ternariser, no retraining (DQT: ternary inference from an 8-bit model); "
+                   "packed: the inference format, weights as packed codes + scales (docs/inference.md)")
+    c.add_argument("--ternary-format", choices=["2bit", "base3"], default="2bit", help="--to packed: ternary "
+                   "codes 4 per byte (2bit) or 5 per byte (base3, 1.6 bits/weight)")
+    c.add_argument("--float-dtype", choices=["bf16", "fp32"], default="bf16", help="--to packed: dtype of "
+                   "the embeddings, norms and lm_head")
+    c.add_argument("--from-dcp", action="store_true", help="write a sharded (DCP) checkpoint of RUN (the newest, "
+                   "or --checkpoint) as the single-file model.safetensors + optim.safetensors beside it")
+    c.add_argument("--checkpoint", help="--from-dcp: the checkpoint directory (default: the newest)")
     c.add_argument("--out", help="output run directory (default: RUN-ptq-RECIPE)")
     c.add_argument("--batches", type=int, default=50)
     c.add_argument("--device", default="auto")
     c.set_defaults(fn=cmd_convert)
+
+    ex = sub.add_parser("export", help="export a run: Hugging Face LlamaForCausalLM (dequantized), transformers' "
+                        "BitNet packed ternary layout, or GGUF")
+    ex.add_argument("run")
+    ex.add_argument("--format", required=True, choices=["hf", "hf-bitnet", "gguf"])
+    ex.add_argument("--out", help="output directory (hf: default RUN-hf) or file (gguf)")
+    ex.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="hf/hf-bitnet: dtype of the dequantized weights (default bfloat16)")
+    ex.add_argument("--strict", action="store_true", help="hf/hf-bitnet: refuse (exit 2) when the exported model "
+                    "cannot reproduce lowbit's activation quantization, instead of warning")
+    ex.add_argument("--bitnet-linear", default="bitlinear", choices=["bitlinear", "autobitlinear"],
+                    help="hf-bitnet: transformers' layer class (BitLinear divides by weight_scale = 1/Δ, "
+                    "AutoBitLinear multiplies by Δ)")
+    ex.add_argument("--allow-dequantized", action="store_true", help="gguf: write weights with no exact GGUF form "
+                    "(QuEST's Hadamard-domain grids) as float values instead of refusing")
+    ex.add_argument("--ternary-type", default="TQ2_0", choices=["TQ2_0", "TQ1_0"],
+                    help="gguf: block type of ternary weights (TQ1_0: 1.69 bits/weight, TQ2_0: 2.06, faster)")
+    ex.add_argument("--weight-type", choices=["TQ2_0", "TQ1_0", "Q4_0", "Q4_1", "Q8_0", "F16", "F32"],
+                    help="gguf: force this type for the quantized weights (refused where it cannot hold the grid "
+                    "exactly); default: the smallest exact one per weight")
+    ex.add_argument("--float-type", default="F16", choices=["F16", "F32"],
+                    help="gguf: type of the weights lowbit keeps in high precision (embeddings, lm_head)")
+    ex.add_argument("--tokenizer", help="gguf: tokenizer.json or dataset directory (default: the run's data.dir)")
+    ex.set_defaults(fn=cmd_export)
+
+    g = sub.add_parser("generate", help="generate text from a run directory or a packed model (KV cache, "
+                       "streamed)")
+    g.add_argument("model", metavar="RUN_OR_PACKED_DIR")
+    g.add_argument("--prompt", help="text to continue (default: stdin when piped, else from the start of a "
+                   "document)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50, help="0 = off")
+    g.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--tokenizer", help="tokenizer file or prepared dataset directory (default: the run's "
+                   "dataset, or the packed directory's tokenizer.json)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the decode step as a CUDA graph (default: on when running on CUDA)")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    g.set_defaults(fn=cmd_generate)
 
     sw = sub.add_parser("sweep", help="run an experiment grid (sizes × recipes × tokens) from one TOML file; "
                         "finished runs are skipped, interrupted ones resume")
@@ -314,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # train --nproc relaunches the same command
     from lowbit.config import ConfigError
     from lowbit.train.checkpoint import CheckpointError
 

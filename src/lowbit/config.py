@@ -60,9 +60,17 @@ class ModelConfig:
     """Share the token embedding with lm_head (QuEST and DQT use untied)."""
     init_std: float = 0.02
     """Std of the N(0, σ) init; residual output projections use σ/√(2·n_layers)."""
+    init: str = ""
+    """"hf:PATH" to start from a Hugging Face checkpoint (a local LlamaForCausalLM directory): its architecture
+    and tokenizer (data.tokenizer) are taken when the config is loaded, its weights before the recipe is
+    applied; "" = random init. See lowbit.models.hf_import."""
 
     def __post_init__(self) -> None:
         from lowbit.models.llama import SIZES  # local: config must import without torch work
+
+        if self.init and (not self.init.startswith("hf:") or not self.init[3:].strip()):
+            raise ConfigError(f"model.init={self.init!r}: expected \"hf:PATH\" (a local Hugging Face checkpoint "
+                              f"directory) or \"\"")
 
         if self.size not in SIZES:
             raise ConfigError(_unknown("model.size", self.size, SIZES))
@@ -180,9 +188,21 @@ class TrainConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Write TensorBoard event files next to the JSONL log."""
+    parallel: str = "none"
+    """Data parallelism over the processes of a ``torchrun`` / ``lowbit train --nproc N`` launch
+    (lowbit.distributed, docs/distributed.md): "none" (one process), "ddp" (DistributedDataParallel: replicated
+    weights, all-reduced gradients; every recipe, DQT included), "fsdp2" (fully_shard per block and at the root:
+    sharded weights, gradients and optimizer state; QAT recipes, not DQT yet). ``batch_size`` is per process:
+    the global batch of a step is world size × batch_size × grad_accum sequences."""
+    activation_checkpointing: bool = False
+    """With parallel ≠ "none": recompute each block's activations in backward instead of keeping them."""
+    dist_timeout: float = 600.0
+    """Seconds a collective may wait for the other ranks (init_process_group's timeout) before the job stops."""
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "eval_batches")
+        _positive(self, "steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "dist_timeout")
+        if self.parallel not in ("none", "ddp", "fsdp2"):
+            raise ConfigError(_unknown("train.parallel", self.parallel, ["none", "ddp", "fsdp2"]))
         _nonneg(self, "eval_every", "ckpt_every", "log_every", "keep_ckpts", "grad_clip", "weight_decay",
                 "warmup")
         if self.lr <= 0:
@@ -212,6 +232,17 @@ class QuantConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Linear layers (by the last part of their name) that the recipe quantizes."""
+    kernels: str = "auto"
+    """Fused low-bit kernels for the quantized layers' training forward/backward (lowbit.kernels): QuEST W·A
+    recipes (quest-wXaY) → quest_linear (fused Hadamard quantizer + exact FP8/INT8 GEMM); bitnet-b1.58, ste-wXaY
+    and dqt-ternary/dqt-intN → an exact INT8 GEMM. "auto": where the layer's recipe has one and it can run (CUDA
+    tensors on a Hopper GPU, Triton installed, K a multiple of 128 for QuEST / 16 for INT8), else the torch
+    fake-quant path; "on": required where the recipe has one (an error where it cannot run, e.g. on the CPU);
+    "off": always the torch path (the reference). Same math either way, up to float32 rounding."""
+
+    def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "on", "off"):
+            raise ConfigError(_unknown("quant.kernels", self.kernels, ["auto", "on", "off"]))
 
 
 @dataclass
@@ -295,6 +326,9 @@ class RunConfig:
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                 f"raise model.max_seq_len or lower train.seq_len"
             )
+        if self.quant.kernels == "on" and self.train.device == "cpu":
+            raise ConfigError("quant.kernels=on needs a CUDA GPU (the Triton kernels), but train.device=cpu; use "
+                              "quant.kernels=auto (the torch path on the CPU) or off")
         if self.is_direct:
             if self.dqt.update_in_backward and self.train.grad_accum > 1:
                 raise ConfigError(
@@ -304,6 +338,9 @@ class RunConfig:
                 )
             if self.dqt.quantize_embeddings and self.model.tie_embeddings:
                 raise ConfigError("dqt.quantize_embeddings does not support model.tie_embeddings=true")
+            if self.train.parallel == "fsdp2":
+                raise ConfigError("train.parallel=fsdp2 does not shard DQT codes yet (docs/distributed.md says what "
+                                  "it needs); use train.parallel=ddp for dqt-* recipes")
 
     @property
     def is_direct(self) -> bool:
@@ -332,20 +369,27 @@ class RunConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def read_toml(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """The table of a TOML file; a missing file or bad TOML is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Build a RunConfig from an optional TOML file and ``section.key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    raw: dict[str, Any] = read_toml(path, "config file") if path is not None else {}
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
+    if isinstance(raw.get("model"), dict) and raw["model"].get("init"):
+        from lowbit.models.hf_import import resolve_init  # architecture + tokenizer from the checkpoint
+
+        resolve_init(raw)
     return RunConfig.from_dict(raw)
 
 

@@ -22,19 +22,29 @@ def apply_recipe(model: nn.Module, cfg: RunConfig) -> nn.Module:
     if cfg.quant.recipe == "bf16":
         return model
     from lowbit.nn import quantize_, quantize_direct_
+    from lowbit.nn.linear import set_kernels
 
     try:
         if cfg.is_direct:  # DQT: weights become codes, with the run's DQT options
-            return quantize_direct_(model, cfg.quant.recipe, targets=cfg.quant.targets, skip=cfg.quant.skip,
-                                    dqt=cfg.dqt)
-        return quantize_(model, cfg.quant.recipe, targets=cfg.quant.targets, skip=cfg.quant.skip)
+            model = quantize_direct_(model, cfg.quant.recipe, targets=cfg.quant.targets, skip=cfg.quant.skip,
+                                     dqt=cfg.dqt)
+        else:
+            model = quantize_(model, cfg.quant.recipe, targets=cfg.quant.targets, skip=cfg.quant.skip)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"quant.recipe: {str(e).strip(chr(39) + chr(34))}") from None
+    set_kernels(model, cfg.quant.kernels)  # fused kernels where the recipe has them (quant.kernels)
+    return model
 
 
-def build_model(cfg: RunConfig, device: torch.device | str = "cpu") -> nn.Module:
-    """A freshly initialised model for ``cfg`` (seeded by the caller), recipe applied, on ``device``."""
+def build_model(cfg: RunConfig, device: torch.device | str = "cpu", init_weights: bool = False) -> nn.Module:
+    """A freshly initialised model for ``cfg`` (seeded by the caller), recipe applied, on ``device``.
+    ``init_weights``: load ``model.init``'s checkpoint (``hf:PATH``) before the recipe is applied (a fresh
+    run; a resumed or loaded run takes its weights from its own checkpoint)."""
     model = Llama(cfg.model)
+    if init_weights and cfg.model.init:
+        from lowbit.models.hf_import import load_init_weights
+
+        load_init_weights(model, cfg.model.init)
     model = apply_recipe(model, cfg)
     return model.to(device)
 

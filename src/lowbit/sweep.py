@@ -41,12 +41,11 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.config import ConfigError, RunConfig, load_config, parse_override
+from lowbit.config import ConfigError, RunConfig, load_config, parse_override, read_toml
 
 _EXPERIMENT_KEYS = {"name", "description", "base", "out", "parallel", "sizes", "recipes", "tokens_per_param",
                     "tokens"}
@@ -103,12 +102,7 @@ def _override_list(d: dict[str, Any]) -> list[str]:
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file (unknown keys, empty grids, a base config that does not load)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {path} not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path, "experiment file")
     unknown = set(raw) - {"experiment", "sizes", "overrides", "recipe_overrides", "convert"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected experiment, sizes, overrides, "

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from lowbit import distributed as D
 from lowbit.config import ConfigError, RunConfig
+from lowbit.distributed import checkpoint as dist_ckpt
 from lowbit.eval.evaluate import evaluate
 from lowbit.models.llama import flops_per_token, param_counts
 from lowbit.runs import autocast_dtype, build_model, resolve_device
@@ -48,6 +50,8 @@ RESUMABLE_CHANGES = {
     "train.eval_every", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.progress",
     "train.tensorboard", "train.compile", "train.device", "data.dir",
     "dqt.fused",  # fused Triton or torch update: the same function and the same state tensors
+    "quant.kernels",  # fused kernels or the torch fake-quant path: the same layer function (float32 rounding)
+    "train.parallel", "train.activation_checkpointing", "train.dist_timeout",  # wrapping, not numbers
 }
 
 
@@ -71,8 +75,10 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
         self.resume_from: Path | None = None
+        self.dist = D.init_distributed(cfg.train)  # train.parallel: ranks, process group (docs/distributed.md)
         self._check_run_dir(resume, overwrite)
-        self.device = resolve_device(cfg.train.device)
+        D.barrier(self.dist)
+        self.device = D.parallel.local_device(cfg.train, self.dist) or resolve_device(cfg.train.device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
 
     # ------------------------------------------------------------------ run directory
@@ -84,6 +90,8 @@ class Trainer:
                 raise ckpt.CheckpointError(f"--resume: {self.out} holds no complete checkpoint to resume from")
             stored = RunConfig.from_dict(json.loads(stored_cfg.read_text()))
             diff = {k: v for k, v in config_diff(stored, self.cfg).items() if k not in RESUMABLE_CHANGES}
+            diff = D.parallel.same_global_batch(diff, stored.train, self.cfg.train,
+                                                ckpt.read_state(latest).get("world_size", 1), self.dist.world_size)
             if diff:
                 lines = ", ".join(f"{k}: {a!r} → {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
                 raise ConfigError(f"--resume: the config differs from the run's own ({lines}); "
@@ -94,7 +102,7 @@ class Trainer:
                 raise ConfigError(f"{self.out} already holds a run; pass --resume to continue it, --overwrite "
                                   f"to start over (deletes it), or choose another train.out_dir")
             for name in ("ckpt", "tb", "log.jsonl", "eval.json", "config.json", "loss.png", "summary.json",
-                         "flip_rate.png"):
+                         "flip_rate.png") if self.dist.is_main else ():
                 p = self.out / name
                 if p.is_dir():
                     shutil.rmtree(p)
@@ -106,7 +114,11 @@ class Trainer:
         from lowbit.data import BatchLoader, TokenShard, open_split, prepare_data
 
         cfg = self.cfg
-        data_dir = prepare_data(cfg.data, cfg.model.vocab_size, progress=cfg.train.progress)
+        if not self.dist.is_main:
+            D.barrier(self.dist)  # rank 0 prepares (or checks) the dataset first
+        data_dir = prepare_data(cfg.data, cfg.model.vocab_size, progress=cfg.train.progress and self.dist.is_main)
+        if self.dist.is_main:
+            D.barrier(self.dist)
         self.train_shard = TokenShard(data_dir, "train")
         self.val_shard = TokenShard(data_dir, "val")
         self.heldout_shard = open_split(data_dir, "heldout") if cfg.data.heldout else None
@@ -117,23 +129,30 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-        self.model = build_model(cfg, self.device)
+        self.model = build_model(cfg, self.device, init_weights=self.resume_from is None)
         self.model.train()
+        if self.dist.enabled:  # before the optimizer: FSDP2 replaces the parameters by their shards
+            self.fwd = D.parallelize(self.model, cfg.train, self.dist, self.device)
         self.opt = build_optimizer(self.model, cfg.train, self.device, dqt=cfg.dqt)
-        self.fwd = torch.compile(self.model) if cfg.train.compile else self.model
+        if self.dist.enabled:
+            D.wrap_direct_grad_hooks(self.model, self.dist)
+        else:
+            self.fwd = torch.compile(self.model) if cfg.train.compile else self.model
         self.loader = BatchLoader(self.train_shard, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.data.seed,
-                                  device=self.device)
+                                  device=self.device, rank=self.dist.rank, world_size=self.dist.world_size)
         self.step = 0
         if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, self.model, self.opt)
+            state = dist_ckpt.load_any(self.resume_from, self.model, self.opt, cfg.train.parallel)
             self.loader.load_state_dict(state["data"])
             self.step = state["step"]
             self.tokens_seen = state["tokens_seen"]
         else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_text(self.out / "config.json", cfg.to_json())
+            if self.dist.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                ckpt.atomic_write_text(self.out / "config.json", cfg.to_json())
             self.tokens_seen = 0
-        self.logger = RunLogger(self.out, tensorboard=cfg.train.tensorboard, truncate_after=self.step)
+        self.logger = (RunLogger(self.out, tensorboard=cfg.train.tensorboard, truncate_after=self.step)
+                       if self.dist.is_main else D.parallel.NullLogger())
         self.params = param_counts(self.model)
         if cfg.is_direct:  # DQT weights are codes (buffers): count them as the parameters they stand for
             from lowbit.nn.direct import add_direct_param_counts
@@ -182,19 +201,24 @@ class Trainer:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-        for _ in range(cfg.grad_accum):
+        for i in range(cfg.grad_accum):
             x, y = next(self.loader)
             counter = count_saved_activations(self.model) if measure_memory else contextlib.nullcontext({})
-            with counter as saved, self._autocast():
-                loss = self.fwd(x, y) / cfg.grad_accum
-            act_bytes = max(act_bytes, saved.get("bytes", 0))
-            loss.backward()
+            with D.grad_sync(self.fwd, i == cfg.grad_accum - 1):  # all-reduce once, after the last micro-batch
+                with counter as saved, self._autocast():
+                    loss = self.fwd(x, y) / cfg.grad_accum
+                act_bytes = max(act_bytes, saved.get("bytes", 0))
+                loss.backward()
             total += loss.detach()
+        if self.dist.enabled:
+            D.sync_direct_grads(self.model, self.dist)  # DQT gradients: not Parameters, DDP does not see them
+            D.mean_over_ranks(total, self.dist)  # the loss of the global batch
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         if hasattr(self.opt, "clip_grad_norm_"):  # DQT: stashed/in-backward gradients are not .grad
             gnorm = self.opt.clip_grad_norm_(clip)
         else:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        gnorm = D.parallel.full_value(gnorm)  # FSDP2: a DTensor
         loss_f, gnorm_f = float(total), float(gnorm)  # one sync per step: NaN detection needs it
         if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
             raise TrainingDiverged(f"step {self.step + 1}: loss={loss_f}, grad norm={gnorm_f}; "
@@ -214,7 +238,7 @@ class Trainer:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        self.tokens_seen += cfg.grad_accum * cfg.batch_size * cfg.seq_len * self.dist.world_size
         return loss_f, gnorm_f
 
     def evaluate_all(self) -> dict[str, float]:
@@ -224,8 +248,9 @@ class Trainer:
         for name, shard in splits:
             if shard is None:
                 continue
-            r = evaluate(self.model, shard, cfg.batch_size, cfg.seq_len, cfg.eval_batches, self.device,
-                         self.amp_dtype)
+            # every rank evaluates the same windows: eval_batches × the global micro-batch (world × batch_size)
+            r = evaluate(self.model, shard, cfg.batch_size * self.dist.world_size, cfg.seq_len, cfg.eval_batches,
+                         self.device, self.amp_dtype)
             out |= {f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]}
         return out
 
@@ -239,6 +264,10 @@ class Trainer:
     def save(self) -> Path:
         extra = {"data": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
                  "config": self.cfg.to_dict(), "params": self.params}
+        if self.dist.enabled:  # sharded (DCP); the final one also consolidated to safetensors by rank 0
+            return dist_ckpt.save_checkpoint(self.out, self.step, self.model, self.opt, extra, self.dist,
+                                             keep=self.cfg.train.keep_ckpts,
+                                             consolidate_now=self.step == self.cfg.train.steps)
         return ckpt.save_checkpoint(self.out, self.step, self.model, self.opt, extra, keep=self.cfg.train.keep_ckpts)
 
     # ------------------------------------------------------------------ main loop
@@ -247,18 +276,21 @@ class Trainer:
         self._setup()
         cfg = self.cfg.train
         stop = cfg.steps if until_step is None else min(until_step, cfg.steps)
-        tok_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        tok_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * self.dist.world_size
         fpt = flops_per_token(self.cfg.model, cfg.seq_len)
-        print(f"lowbit: {self.cfg.model.size} model ({self.params['non_embedding'] / 1e6:.2f}M non-embedding + "
+        world = f" × {self.dist.world_size} ranks ({cfg.parallel})" if self.dist.enabled else ""
+        say = print if self.dist.is_main else _quiet
+        say(f"lowbit: {self.cfg.model.size} model ({self.params['non_embedding'] / 1e6:.2f}M non-embedding + "
               f"{self.params['embedding'] / 1e6:.2f}M embedding params), recipe {self.cfg.quant.recipe}, "
-              f"{self.device.type}, {cfg.steps} steps × {tok_per_step} tokens → {self.out}", flush=True)
+              f"{self.device.type}{world}, {cfg.steps} steps × {tok_per_step} tokens → {self.out}", flush=True)
         if self.step == 0:
             ev = self.evaluate_all()
             self.initial_eval = ev
             self.logger.log({"step": 0, "tokens": 0} | ev, kind="eval")
-            print("  untrained: " + _fmt(ev), flush=True)
+            if self.dist.is_main:
+                print("  untrained: " + _fmt(ev), flush=True)
         self.memory = None
-        bar = _progress(cfg.progress, self.step, stop)
+        bar = _progress(cfg.progress and self.dist.is_main, self.step, stop)
         t_last, tok_last = time.perf_counter(), self.tokens_seen
         t_start = time.perf_counter()
         start_step = self.step
@@ -289,7 +321,8 @@ class Trainer:
         except KeyboardInterrupt:
             if self.step > 0:
                 path = self.save()
-                print(f"\ninterrupted: saved {path}; continue with --resume", flush=True)
+                if self.dist.is_main:
+                    print(f"\ninterrupted: saved {path}; continue with --resume", flush=True)
             raise
         finally:
             if bar is not None:
@@ -298,6 +331,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         summary = self._finish(elapsed, (self.step - start_step) * tok_per_step)
         self.logger.close()
+        D.shutdown(self.dist)
         return summary
 
     def _finish(self, elapsed: float, tokens: int) -> dict[str, Any]:
@@ -307,6 +341,10 @@ class Trainer:
                                    "recipe": self.cfg.quant.recipe, "size": self.cfg.model.size,
                                    "params": self.params, "device": self.device.type,
                                    "tok_per_s": tokens / max(elapsed, 1e-9), "train_seconds": elapsed}
+        if self.dist.enabled:
+            summary |= {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
+            if not self.dist.is_main:
+                return summary  # rank 0 writes the summary, the plots and the memory report
         evals = self.logger.read("eval")
         if evals:
             summary["final"] = {k: v for k, v in evals[-1].items() if k not in ("kind",)}
@@ -327,6 +365,10 @@ class Trainer:
             except Exception as e:
                 print(f"warning: could not draw the flip rates: {e}")
         return summary
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print on ranks other than 0."""
 
 
 def _fmt(ev: dict[str, float]) -> str:
