@@ -81,3 +81,49 @@ def test_quantizer_codes_pack(bits: float, grid: str) -> None:
     codes, _ = quantize(torch.randn(6, 33), spec)
     info = spec.info
     assert torch.equal(unpack(pack(codes, info.qmin, info.levels), info.qmin, info.levels, 33), codes)
+
+
+# ---- base 3: five ternary codes per byte --------------------------------------------------------------------
+
+BASE3_SHAPES = [(1,), (4,), (5,), (6,), (9,), (3, 7), (2, 10), (5, 11), (2, 3, 13), (1, 1), (7, 129)]
+
+
+@pytest.mark.parametrize("shape", BASE3_SHAPES)
+@pytest.mark.parametrize("qmin", [-1, 0])
+def test_base3_round_trip_exact(shape: tuple[int, ...], qmin: int) -> None:
+    from lowbit.quant.packing import base3_packed_shape, pack_base3, unpack_base3
+
+    g = torch.Generator().manual_seed(sum(shape) * 7 + qmin)
+    codes = torch.randint(qmin, qmin + 3, shape, generator=g).to(torch.int8)
+    stored = pack_base3(codes, qmin)
+    assert stored.dtype == torch.uint8
+    assert tuple(stored.shape) == base3_packed_shape(shape) == (*shape[:-1], -(-shape[-1] // 5))
+    assert int(stored.max()) <= 242
+    assert torch.equal(unpack_base3(stored, shape[-1], qmin, check=True), codes)
+    for v in (qmin, qmin + 2):  # constant rows at both ends of the grid
+        full = torch.full(shape, v, dtype=torch.int8)
+        assert torch.equal(unpack_base3(pack_base3(full, qmin), shape[-1], qmin), full)
+
+
+def test_base3_documented_layout() -> None:
+    from lowbit.quant.packing import pack_base3
+
+    # u = code + 1 = 0 1 2 2 1, first code in the least significant base-3 digit
+    assert pack_base3(torch.tensor([-1, 0, 1, 1, 0], dtype=torch.int8)).tolist() == [0 + 3 + 18 + 54 + 81]
+    # every byte value 0..242 is reached by exactly one 5-digit word; padding codes are u = 0
+    assert pack_base3(torch.tensor([[1, 1, 1, 1, 1, 1]], dtype=torch.int8)).tolist() == [[242, 2]]
+    digits = torch.cartesian_prod(*[torch.arange(3)] * 5).flip(-1) - 1  # digit 0 varies fastest
+    assert pack_base3(digits.to(torch.int8)).view(-1).tolist() == list(range(243))
+
+
+def test_base3_errors() -> None:
+    from lowbit.quant.packing import pack_base3, unpack_base3
+
+    with pytest.raises(ValueError, match="outside"):
+        pack_base3(torch.tensor([2], dtype=torch.int8))
+    with pytest.raises(ValueError, match="does not hold"):
+        unpack_base3(torch.zeros(2, dtype=torch.uint8), 11)
+    with pytest.raises(ValueError, match="242"):
+        unpack_base3(torch.tensor([243], dtype=torch.uint8), 5, check=True)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_base3(torch.zeros(1, dtype=torch.int8), 5)

@@ -4,6 +4,10 @@ Single-device code with plain ``nn.Linear`` layers; nothing here knows about bit
 from outside (``lowbit.nn.quantize_``), compile and FSDP by separate functions. Module names follow the
 Hugging Face ``LlamaForCausalLM`` layout (``layers.N.self_attn.q_proj`` ...) and RoPE uses its
 "rotate-half" convention, so a state dict maps onto a Hugging Face checkpoint one to one.
+
+Inference: ``forward(idx, cache=kv, pos=p)`` runs tokens at absolute positions p … p+T−1 against a key/value
+cache (:class:`lowbit.generate.KVCache`: it stores each layer's keys and values and says which ones a query
+may see). Without a cache the forward is the training one, op for op.
 """
 
 from __future__ import annotations
@@ -72,13 +76,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        mask, causal = None, True
+        if kv is not None:  # inference: append to this layer's cache, attend to every key cached so far
+            k, v, mask, causal = kv.update(k, v)  # (B, Hkv, L, hd) ×2, (T, L) bool or None
+            q = q.to(k.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H·hd) → (B, T, d)
 
 
@@ -101,8 +110,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,15 +147,25 @@ class Llama(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids. Returns logits (B, T, V), or the mean cross-entropy if targets are given."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+                pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """idx: (B, T) token ids. Returns logits (B, T, V), or the mean cross-entropy if targets are given.
+
+        ``cache`` (inference): a :class:`lowbit.generate.KVCache`; the tokens sit at absolute positions
+        ``pos`` … ``pos + T − 1`` (``pos`` an int, or a 0-d device tensor for CUDA-graph replays)."""
         T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            kvs = [None] * len(self.layers)
+        else:
+            positions = cache.start(pos, T, self.cfg.max_seq_len)  # (T,) absolute positions
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            kvs = cache.layers
         x = self.embed_tokens(idx)  # (B, T, d)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for layer, kv in zip(self.layers, kvs, strict=True):
+            x = layer(x, cos, sin, kv)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits

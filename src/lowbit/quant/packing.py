@@ -33,6 +33,21 @@ directly usable as an int8 GEMM operand. Narrower storage packs the **unsigned**
 Rows are padded to a whole byte with u = 0 (pad bits are zero and ignored when unpacking), so a row
 always starts on a byte boundary: a tensor can be sharded or sliced by rows without re-packing, and
 ``unpack`` only needs the original K. Format version :data:`PACK_VERSION` covers exactly this layout.
+
+**Base-3 (1.6 bits per ternary code)** — :func:`pack_base3` / :func:`unpack_base3`, an inference storage
+option for three-level grids (``lowbit convert --to packed --ternary-format base3``, BitNet's "1.58-bit"
+weights). Five ternary digits u ∈ {0, 1, 2} (u = code − qmin) make one byte, as the digits of a base-3
+number, the first code in the least significant digit (the analogue of the little-endian bit order above):
+
+    byte = u0 + 3·u1 + 9·u2 + 27·u3 + 81·u4        ∈ [0, 242]   (3⁵ = 243 ≤ 256: 8/5 = 1.6 bits per code)
+
+    code j of a row goes to byte j // 5, digit j % 5;   u_i = (byte // 3^i) mod 3
+
+    e.g. codes −1 0 1 1 0 → u = 0 1 2 2 1 → 0 + 3 + 18 + 54 + 81 = 156 = 0b1001_1100
+
+Rows are padded to a multiple of 5 codes with u = 0, so a row is ceil(K / 5) bytes and starts on a byte
+boundary, as above. Byte values 243 … 255 never occur (``unpack_base3`` with ``check`` rejects them). The
+layout is versioned together with the rest of this module (:data:`PACK_VERSION`).
 """
 
 from __future__ import annotations
@@ -107,3 +122,54 @@ def unpack(stored: torch.Tensor, qmin: int, levels: int, k: int) -> torch.Tensor
     u = (stored.unsqueeze(-1) >> shifts) & mask  # (…, K/p, p)
     u = u.reshape(*stored.shape[:-1], -1)[..., :k]
     return (u.to(torch.int16) + qmin).to(torch.int8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# base 3: five ternary codes per byte (see the module docstring)
+# ----------------------------------------------------------------------------------------------------------
+
+BASE3_PER_BYTE = 5
+"""Ternary codes per byte in the base-3 layout (3⁵ = 243 ≤ 256)."""
+
+
+def _pow3(device: torch.device) -> torch.Tensor:
+    return torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16, device=device)  # 3^i, i = digit index
+
+
+def base3_packed_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """Shape of the base-3 stored tensor for ternary codes of ``shape``: (…, ceil(K / 5))."""
+    if not shape:
+        raise ValueError("packing needs at least one dimension")
+    return (*shape[:-1], -(-shape[-1] // BASE3_PER_BYTE))
+
+
+def pack_base3(codes: torch.Tensor, qmin: int = -1, *, check: bool = True) -> torch.Tensor:
+    """int8 codes in [qmin, qmin + 2] (a three-level grid) → uint8 bytes of five base-3 digits each, along the
+    last dimension (see the module docstring). Pure; exact inverse: :func:`unpack_base3`."""
+    if codes.dim() == 0:
+        raise ValueError("pack needs at least one dimension")
+    c = codes.to(torch.int16)
+    if check and c.numel() and (int(c.min()) < qmin or int(c.max()) > qmin + 2):
+        raise ValueError(f"codes outside [{qmin}, {qmin + 2}]: min {int(c.min())}, max {int(c.max())} "
+                         f"(base-3 packing holds three-level grids only)")
+    u = c - qmin
+    pad = (-u.shape[-1]) % BASE3_PER_BYTE
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))  # pad codes are u = 0
+    u = u.reshape(*u.shape[:-1], -1, BASE3_PER_BYTE)  # (…, K/5, 5): code j → byte j // 5, digit j % 5
+    return (u * _pow3(u.device)).sum(-1).to(torch.uint8)  # ≤ 2·(1 + 3 + 9 + 27 + 81) = 242
+
+
+def unpack_base3(stored: torch.Tensor, k: int, qmin: int = -1, *, check: bool = False) -> torch.Tensor:
+    """uint8 bytes of :func:`pack_base3` → int8 codes of last dimension ``k``. ``check`` rejects bytes above
+    242 (a host sync), which no packed row contains."""
+    if stored.dtype != torch.uint8:
+        raise ValueError(f"base-3 storage is uint8, got {stored.dtype}")
+    if stored.shape[-1] != -(-k // BASE3_PER_BYTE):
+        raise ValueError(f"packed last dimension {stored.shape[-1]} does not hold K={k} base-3 codes")
+    if check and stored.numel() and int(stored.max()) > 242:
+        raise ValueError(f"base-3 byte {int(stored.max())} > 242: not a base-3 packed tensor")
+    b = stored.to(torch.int16).unsqueeze(-1)  # (…, K/5, 1)
+    u = torch.div(b, _pow3(stored.device), rounding_mode="floor") % 3  # (…, K/5, 5): digit i = (b // 3^i) mod 3
+    u = u.reshape(*stored.shape[:-1], -1)[..., :k]
+    return (u + qmin).to(torch.int8)

@@ -1,0 +1,350 @@
+"""Text generation: a static key/value cache, prefill + one-token decode steps, sampling, streamed text.
+
+    model, cfg, _ = load_run("runs/tiny")              # or lowbit.export.packed.load_packed("packed/")
+    for piece in generate(model, tokenizer, "Once upon a time", max_new_tokens=64, temperature=0.8, seed=0):
+        print(piece, end="", flush=True)
+
+**Cache.** :class:`KVCache` preallocates, per layer, keys and values of shape (B, n_kv_heads, max_len, head_dim)
+(gpt-fast's static cache): nothing is allocated while decoding, and the shapes never change, which is what
+a CUDA graph needs. ``Llama.forward(idx, cache=c, pos=p)`` writes the keys/values of positions p … p+T−1 into
+every layer and attends to all positions ≤ each query's. The prompt runs as one forward (prefill), then one
+token per forward (decode). With an int ``pos`` (the torch path) attention reads only the filled prefix
+[0, p+T); with a 0-d tensor ``pos`` (CUDA-graph replays) it reads the whole buffer under a mask, so one
+captured graph serves every step.
+
+**Sampling** (:func:`sample`): logits / temperature → top-k (keep the k largest, ties at the k-th kept) →
+top-p (keep the smallest prefix of the sorted distribution whose mass reaches p; the most likely token always
+survives) → one draw from a seeded ``torch.Generator``. ``temperature=0`` is greedy (argmax; top-k/p
+irrelevant). The same seed, prompt and model give the same tokens.
+
+**Streaming** (:class:`TextStreamer`): byte-level BPE can cut a UTF-8 character across tokens, so decoding a
+token alone may end in U+FFFD. Text is decoded over a small window of the last tokens (with a few tokens of
+context before it, which also keeps SentencePiece's leading spaces) and released only when it does not end in a
+partial character; the rest is flushed at the end.
+
+Quantized models run as they were trained: a run directory's fake-quant model (``QuantLinear`` /
+``DirectQuantLinear``) or a packed model (:mod:`lowbit.export.packed`), both through torch on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------
+# key/value cache
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LayerKV:
+    """One layer's slice of a :class:`KVCache` (what ``Attention.forward`` receives as ``kv``)."""
+
+    def __init__(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache, self.k, self.v = cache, k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, Hkv, T, hd) at the cache's current positions; return (keys, values, attn_mask,
+        is_causal) for ``scaled_dot_product_attention`` over every position cached so far."""
+        c = self.cache
+        self.k.index_copy_(2, c.positions, k.to(self.k.dtype))
+        self.v.index_copy_(2, c.positions, v.to(self.v.dtype))
+        n = c.visible
+        return self.k[:, :, :n], self.v[:, :, :n], c.mask, c.causal
+
+
+class KVCache:
+    """Static per-layer key/value buffers, (batch, n_kv_heads, max_len, head_dim) each, zero-initialised."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.max_len, self.batch = max_len, batch
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.layers = [LayerKV(self, torch.zeros(shape, dtype=dtype, device=device),
+                               torch.zeros(shape, dtype=dtype, device=device)) for _ in range(n_layers)]
+        self._key_pos = torch.arange(max_len, device=device)  # (L,)
+        self.positions = self._key_pos[:0]
+        self.visible, self.mask, self.causal = 0, None, False
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> KVCache:
+        """A cache shaped for a lowbit :class:`~lowbit.models.llama.Llama` (``model.cfg``); dtype and device
+        default to those of the model's token embedding."""
+        cfg = model.cfg
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+        ref = _float_tensor(model)
+        dt = dtype or (ref.dtype if ref is not None else torch.float32)
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dt,
+                   device or (ref.device if ref is not None else "cpu"))
+
+    def start(self, pos: int | torch.Tensor, t: int, max_seq_len: int | None = None) -> torch.Tensor:
+        """Called by the model before its layers: the next ``t`` tokens sit at ``pos`` … ``pos + t − 1``.
+        Returns those positions (t,) and sets up what each layer's :meth:`LayerKV.update` returns."""
+        if isinstance(pos, torch.Tensor):  # CUDA-graph path: no host sync, whole buffer under a mask
+            self.positions = pos + self._key_pos[:t]
+            self.visible = self.max_len
+            self.mask = self._key_pos[None, :] <= self.positions[:, None]  # (t, L): key ≤ query position
+            self.causal = False
+            return self.positions
+        end = pos + t
+        limit = min(self.max_len, max_seq_len or self.max_len)
+        if pos < 0 or end > limit:
+            raise ValueError(f"positions {pos}…{end - 1} do not fit the cache (max_len {self.max_len}, "
+                             f"model.max_seq_len {max_seq_len})")
+        self.positions = self._key_pos[pos:end]
+        self.visible = end
+        if pos == 0:  # prefill from the start: plain causal attention, as in training
+            self.mask, self.causal = None, t > 1
+        elif t == 1:  # one new token sees every cached one
+            self.mask, self.causal = None, False
+        else:  # a chunk after a cached prefix
+            self.mask, self.causal = self._key_pos[None, :end] <= self.positions[:, None], False
+        return self.positions
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.k.zero_()
+            layer.v.zero_()
+
+
+def _float_tensor(model: nn.Module) -> torch.Tensor | None:
+    emb = getattr(model, "embed_tokens", None)
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor) and w.is_floating_point():
+        return w
+    return next((t for t in model.parameters() if t.is_floating_point()), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Logits (…, V) with everything below the k-th largest set to −inf (ties at the k-th kept). k ≤ 0 or
+    None or ≥ V: unchanged."""
+    if not k or k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches ``p`` (the
+    most likely token always stays); the rest become −inf. p None or ≥ 1: unchanged."""
+    if p is None or p >= 1.0:
+        return logits
+    if p <= 0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    srt, idx = torch.sort(logits, dim=-1, descending=True)
+    probs = srt.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): greedy when ``temperature == 0``, else a draw from
+    softmax(top-p(top-k(logits / temperature)))."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the decode loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _GraphedStep:
+    """The one-token decode forward captured once as a CUDA graph and replayed (static input, position and
+    output tensors; the cache is read and written in place). Captured with the position of the first decode
+    step, so the throw-away writes of warm-up and capture land where that step writes anyway."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, batch: int, first_pos: int, device: torch.device,
+                 amp: torch.dtype | None) -> None:
+        self.model, self.cache, self.amp = model, cache, amp
+        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.full((), first_pos, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+
+    def _forward(self) -> torch.Tensor:
+        with _autocast(self.idx.device, self.amp):
+            return self.model(self.idx, cache=self.cache, pos=self.pos)[:, -1]
+
+    def __call__(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        self.idx.copy_(tok.view_as(self.idx))
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.out
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int | None = 0,
+    eos_id: int | None = None,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    cuda_graphs: bool = False,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` token ids continuing ``prompt_ids`` (stops after ``eos_id``, which is
+    yielded). The prompt runs as one prefill forward, then one forward per token against a :class:`KVCache`.
+
+    ``seed``: the sampling generator's seed (None: nondeterministic). ``amp_dtype``: autocast dtype (bf16 on
+    GPU). ``cuda_graphs``: replay the decode step as a CUDA graph (CUDA devices only; ignored elsewhere).
+    ``on_logits``: called with each step's float32 next-token logits (1, V) (tests, diagnostics)."""
+    cfg = model.cfg
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise ValueError("generation needs at least one prompt token")
+    if len(ids) >= cfg.max_seq_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; model.max_seq_len={cfg.max_seq_len} leaves no room "
+                         f"to generate (shorten the prompt)")
+    n_new = min(max_new_tokens, cfg.max_seq_len - len(ids))
+    if n_new <= 0:
+        return
+    ref = _float_tensor(model)
+    dev = torch.device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+    model.eval()
+    cache_dtype = amp_dtype or (ref.dtype if ref is not None else torch.float32)
+    cache = KVCache.for_model(model, 1, len(ids) + n_new, dtype=cache_dtype, device=dev)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=dev).manual_seed(seed)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if on_logits is not None:
+            on_logits(logits)
+        return sample(logits, temperature, top_k, top_p, gen)
+
+    with _autocast(dev, amp_dtype):
+        logits = model(torch.tensor([ids], dtype=torch.long, device=dev), cache=cache, pos=0)[:, -1]  # prefill
+    tok = pick(logits)
+    pos = len(ids)
+    step = None
+    if cuda_graphs and dev.type == "cuda" and n_new > 1:
+        step = _GraphedStep(model, cache, 1, pos, dev, amp_dtype)
+    for i in range(n_new):
+        t = int(tok)
+        yield t
+        if (eos_id is not None and t == eos_id) or i == n_new - 1:
+            return
+        if step is not None:
+            logits = step(tok, pos)
+        else:
+            with _autocast(dev, amp_dtype):
+                logits = model(tok.view(1, 1), cache=cache, pos=pos)[:, -1]
+        tok = pick(logits)
+        pos += 1
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character (see the module
+    docstring). ``push(id)`` returns the text that became final ("" while a character is incomplete);
+    ``flush()`` returns what is left."""
+
+    CONTEXT = 4  # tokens of already-printed context decoded along with the new ones
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        self.tok = tokenizer
+        self.ids = list(prompt_ids)
+        self.read = len(self.ids)  # ids before this are printed (or are the prompt)
+        self.prefix = max(0, self.read - self.CONTEXT)
+
+    def _text(self, a: int, b: int) -> str:
+        return self.tok.decode(self.ids[a:b]) if b > a else ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self._text(self.prefix, self.read)
+        new = self._text(self.prefix, len(self.ids))
+        if len(new) > len(done) and not new.endswith("\ufffd") and new.startswith(done):
+            self.prefix, self.read = self.read, len(self.ids)  # the released text is the new context
+            return new[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        if self.read >= len(self.ids):
+            return ""
+        done = self._text(self.prefix, self.read)
+        new = self._text(self.prefix, len(self.ids))
+        self.read = len(self.ids)
+        return new[len(done):] if new.startswith(done) else self._text(self.read, len(self.ids))
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt``; an empty prompt starts from the end-of-text token (the document separator the
+    model was trained with)."""
+    ids = list(tokenizer.encode(prompt)) if prompt else []
+    return ids or [int(tokenizer.eos_id)]
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int | None = 0,
+    stop_at_eos: bool = True,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    cuda_graphs: bool = False,
+) -> Iterator[str]:
+    """Stream the continuation of ``prompt`` as text pieces (see :func:`generate_ids` for the options). The
+    end-of-text token stops generation and is not printed."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    eos = int(tokenizer.eos_id) if stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
+    streamer = TextStreamer(tokenizer, prompt_ids)
+    for t in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, eos_id=eos, device=device, amp_dtype=amp_dtype, cuda_graphs=cuda_graphs):
+        if eos is not None and t == eos:
+            break
+        piece = streamer.push(t)
+        if piece:
+            yield piece
+    rest = streamer.flush()
+    if rest:
+        yield rest
+
+
+__all__ = ["KVCache", "LayerKV", "TextStreamer", "encode_prompt", "generate", "generate_ids", "sample",
+           "top_k_filter", "top_p_filter"]
