@@ -10,6 +10,9 @@ Layout of a run directory::
                                              config, file sizes (to detect truncation), format version
     RUN/ckpt/latest                          name of the newest complete checkpoint
 
+Multi-process runs (``train.parallel``) write the tensors as a sharded ``dcp/`` directory instead
+(:mod:`lowbit.distributed.checkpoint`); :func:`load_model_state` reads those too.
+
 Saving is atomic: everything is written into a hidden temporary directory, fsync'ed, renamed into place,
 and only then is ``latest`` replaced (write + ``os.replace``). A process killed at any point leaves the
 previous checkpoint complete and ``latest`` pointing at it.
@@ -247,7 +250,12 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_model_state(path: str | Path, model: torch.nn.Module, strict: bool = True) -> None:
-    tensors = _load_tensors(Path(path) / "model.safetensors")
+    if not (Path(path) / "model.safetensors").is_file() and (Path(path) / "dcp").is_dir():
+        from lowbit.distributed.checkpoint import read_full  # a sharded (DCP) checkpoint not consolidated yet
+
+        tensors = read_full(path, "model")
+    else:
+        tensors = _load_tensors(Path(path) / "model.safetensors")
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     # tied weights are stored once: fill a missing alias from the tensor it shares storage with

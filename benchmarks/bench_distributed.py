@@ -1,0 +1,212 @@
+"""Data-parallel scaling of the recipes: step time, tokens/s and peak memory per GPU under DDP and FSDP2, and the
+bytes each step moves (docs/distributed.md).
+
+For every (parallel mode, recipe) the model is built as the trainer builds it (``lowbit.runs.build_model``),
+wrapped by ``lowbit.distributed.parallelize`` and trained for ``--steps`` timed steps after ``--warmup`` untimed
+ones on random tokens made up front: the trainer's step (autocast bf16 on CUDA, clipping to 1.0, the recipe's
+optimizer, DQT gradients averaged by ``sync_direct_grads``). Reported per rank: median step time, tokens/s of the
+whole job, peak allocated memory (CUDA), and per step the bytes of
+
+* **all-gather** (FSDP2): the block linears' weights in the dtype they travel in (bf16 with the mixed-precision
+  policy, fp32 without), gathered twice a step (forward, and again in backward: reshard_after_forward) — for
+  DQT the int8/packed codes + scales they *would* travel as once FSDP2 shards them (docs/distributed.md: the
+  design; marked "projected");
+* **gradient reduction**: all-reduce (DDP) / reduce-scatter (FSDP2) of every trained tensor's gradient (fp32).
+
+Run it under torchrun on the GPU machine, once per world size (1 then 2) for the scaling:
+
+    torchrun --standalone --nproc-per-node 1 benchmarks/bench_distributed.py --size 430m --batch 8 --seq 1024 \\
+        --vocab 32000 --recipes bf16,quest-w4a4,dqt-int8 --parallel ddp,fsdp2 --compile
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_distributed.py ... (the same)
+
+or as a CPU smoke test (gloo, 2 processes spawned here, a tiny model):
+
+    PYTHONPATH=src python benchmarks/bench_distributed.py --spawn 2 --size tiny --vocab 320 --batch 2 --seq 32 \\
+        --steps 2 --warmup 1 --out /tmp/bench_distributed.md
+
+Writes ``benchmarks/results/bench_distributed_<device>_w<world>.md`` (or ``--out``) on rank 0 and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _config(args, recipe: str, parallel: str):
+    from lowbit.config import load_config
+
+    over = {"model.size": args.size, "model.vocab_size": args.vocab, "model.max_seq_len": args.seq,
+            "train.batch_size": args.batch, "train.seq_len": args.seq, "train.parallel": parallel,
+            "train.compile": args.compile, "train.activation_checkpointing": args.ac, "train.device": args.device,
+            "quant.recipe": recipe, "train.progress": False}
+    if args.dim:
+        over |= {"model.dim": args.dim, "model.n_layers": args.layers, "model.n_heads": args.heads,
+                 "model.ffn_dim": args.ffn}
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def traffic(model, cfg, world: int, device: torch.device) -> dict[str, float]:
+    """Bytes per step per rank: FSDP2 all-gather of the block linears (received), gradient reduction."""
+    from lowbit.nn.direct import direct_modules
+    from lowbit.runs import autocast_dtype
+
+    frac = (world - 1) / world if world > 1 else 0.0
+    bf16 = device.type == "cuda" and autocast_dtype(cfg.train.precision, device) is torch.bfloat16
+    gather = 0.0
+    grads = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grads += p.numel() * 4
+        if name.rsplit(".", 2)[-2] in BLOCK_LINEARS and name.endswith(".weight"):
+            gather += p.numel() * (2 if bf16 else p.element_size())
+    for name, m in direct_modules(model):
+        grads += m.weight_numel * 4
+        if name.rsplit(".", 1)[-1] in BLOCK_LINEARS:  # projected: codes + scales, as stored
+            gather += m.weight_codes.numel() * m.weight_codes.element_size() + m.weight_scale.numel() * 4
+    out = {"grad_reduce_MB": grads * (2 * frac if cfg.train.parallel == "ddp" else frac) / 1e6}
+    if cfg.train.parallel == "fsdp2" or cfg.is_direct:
+        out["allgather_block_linears_MB"] = 2 * gather * frac / 1e6  # forward + backward re-gather
+    return out
+
+
+def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> dict:
+    from lowbit import distributed as D
+    from lowbit.runs import autocast_dtype, build_model
+    from lowbit.train.optim import build_optimizer
+
+    if parallel == "fsdp2" and recipe.startswith("dqt-"):
+        return {"recipe": recipe, "parallel": parallel, "skipped": "DQT codes are not sharded by FSDP2 yet"}
+    cfg = _config(args, recipe, parallel)
+    torch.manual_seed(0)
+    model = build_model(cfg, device)
+    model.train()
+    proj = traffic(model, cfg, info.world_size, device)
+    fwd = D.parallelize(model, cfg.train, info, device)
+    opt = build_optimizer(model, cfg.train, device, dqt=cfg.dqt)
+    D.wrap_direct_grad_hooks(model, info)
+    amp = autocast_dtype(cfg.train.precision, device)
+    g = torch.Generator().manual_seed(1 + info.rank)
+    batches = [torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
+               for _ in range(4)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        b = batches[i % len(batches)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = fwd(b[:, :-1], b[:, 1:])
+        loss.backward()
+        D.sync_direct_grads(model, info)
+        if hasattr(opt, "clip_grad_norm_"):
+            opt.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    row = {"recipe": recipe, "parallel": parallel, "step_ms": step * 1e3,
+           "tok_per_s": info.world_size * args.batch * args.seq / step} | {k: v for k, v in proj.items()}
+    if cfg.is_direct and "allgather_block_linears_MB" in row:
+        row["allgather_block_linears_MB"] = f"{row['allgather_block_linears_MB']:.2f} (projected)"
+    if device.type == "cuda":
+        row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del model, fwd, opt
+    return row
+
+
+def run(rank: int, world: int, args) -> None:
+    from lowbit import distributed as D
+    from lowbit.config import TrainConfig
+
+    info = D.init_distributed(TrainConfig(parallel="ddp", device=args.device))
+    device = D.parallel.local_device(TrainConfig(device=args.device), info) or torch.device(
+        "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    rows = [bench_one(args, r, p, info, device) for p in args.parallel.split(",") for r in args.recipes.split(",")]
+    if info.is_main:
+        report(args, rows, info.world_size, device)
+    D.shutdown(info)
+
+
+def report(args, rows: list[dict], world: int, device: torch.device) -> None:
+    keys = ["parallel", "recipe", "step_ms", "tok_per_s", "peak_GiB", "allgather_block_linears_MB", "grad_reduce_MB",
+            "skipped"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+
+    def fmt(v):
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    lines = [f"# bench_distributed: {args.size}, {world} rank(s), {device.type}", "",
+             f"- machine: {name}; torch {torch.__version__}; {dt.datetime.now().isoformat(timespec='seconds')}",
+             f"- command: `{shlex.join([sys.argv[0], *sys.argv[1:]])}`",
+             f"- per rank: batch {args.batch} × {args.seq} tokens; median of {args.steps} steps after {args.warmup}",
+             "", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out) if args.out else RESULTS_DIR / f"bench_distributed_{device.type}_w{world}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="430m")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dim", type=int, help="tiny overrides: dim (with --layers --heads --ffn)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8, help="sequences per rank")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--recipes", default="bf16,quest-w4a4,dqt-int8")
+    p.add_argument("--parallel", default="ddp,fsdp2")
+    p.add_argument("--compile", action="store_true", help="torch.compile per block")
+    p.add_argument("--ac", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--spawn", type=int, default=0, help="spawn N local processes (gloo on CPU) instead of torchrun")
+    p.add_argument("--out", help="report path")
+    args = p.parse_args(argv)
+    if args.spawn:
+        from lowbit.distributed.spawn import spawn
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        spawn(_spawned, args.spawn, args, backend="nccl" if args.device == "cuda" else "gloo")
+    else:
+        from lowbit.distributed.parallel import env_world
+
+        rank, world, _ = env_world()
+        run(rank, world, args)
+    return 0
+
+
+def _spawned(rank: int, world: int, args) -> None:
+    run(rank, world, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
