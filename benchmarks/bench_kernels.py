@@ -4,8 +4,14 @@
     PYTHONPATH=src python benchmarks/bench_kernels.py --only gemm,quest_linear
     PYTHONPATH=src python benchmarks/bench_kernels.py --smoke --device cpu  # tiny shapes: the script runs
 
-Writes ``benchmarks/results/bench_kernels_<device>.md`` (machine, date, command, one table per bench) and
-prints it. A bench is a function ``(args) -> list[dict]`` registered with ``@bench("name")``; each dict is one
+Writes ``benchmarks/results/bench_kernels_<device>.md`` (or ``--out``; machine, date, command, one table per
+bench; rewritten after every bench, so a run cut short keeps the finished ones) and prints it.
+
+Bounded run (the GPU session: every bench in about 2–3 minutes on an H100): ``--quick`` (5 warm-up + 20 timed
+calls, the 130m and 430m "up" GEMM shapes, three hadamard_quant shapes, no torch.compile'd references),
+``--max-configs 4`` (scaled_mm autotunes over the first 4 of its 7 H100 configs: both 128×128 configs that
+promotion keeps, and the 128×256 ones) and ``--time-budget`` (skip the remaining benches after that many seconds).
+A bench is a function ``(args) -> list[dict]`` registered with ``@bench("name")``; each dict is one
 table row (same keys within a bench). Add a bench by writing one such function; ``--only`` picks by name.
 
 Timing: CUDA events around each call after ``--warmup`` untimed calls (Triton autotuning happens there), median
@@ -113,7 +119,7 @@ def bench_gemm(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     variants = [v.strip() for v in args.gemm_variants.split(",") if v.strip()]
     rows = []
-    for label, m, k, n in SMOKE_GEMMS if args.smoke else LLAMA_GEMMS:
+    for label, m, k, n in _gemm_shapes(args):
         base_ms = None
         for name in variants:
             dtype, backend, promote = GEMM_VARIANTS[name]
@@ -152,9 +158,69 @@ def bench_quest_linear(args: argparse.Namespace) -> list[dict]:
     nn.Linear under autocast (fp32 master weight, as the trainer runs it), QuantLinear quest-w4a4 (fake quant),
     quest_linear W4A4 with the bf16 and the FP8 backward. Ratio to the bf16 layer in the same run."""
     rows = []
-    for shape in SMOKE_GEMMS if args.smoke else LLAMA_GEMMS:
+    for shape in _gemm_shapes(args):
         rows += _quest_linear_rows(args, *shape)
         _free()
+    return rows
+
+
+def _gemm_shapes(args: argparse.Namespace) -> list:
+    if args.smoke:
+        return SMOKE_GEMMS
+    return [g for g in LLAMA_GEMMS if g[0].endswith("up")] if args.quick else LLAMA_GEMMS
+
+
+@bench("bitnet_linear")
+def bench_bitnet_linear(args: argparse.Namespace) -> list[dict]:
+    """BitNet b1.58 layer training step (forward + backward, quantization included) at the GEMM shapes: bf16
+    nn.Linear under autocast, QuantLinear bitnet-b1.58 (fake quant), bitnet_linear (int8 codes → exact INT8
+    GEMM forward, bf16 STE backward). Ratio to the bf16 layer in the same run."""
+    rows = []
+    for shape in _gemm_shapes(args):
+        rows += _bitnet_rows(args, *shape)
+        _free()
+    return rows
+
+
+def _bitnet_rows(args: argparse.Namespace, label: str, m: int, k: int, n: int) -> list[dict]:
+    from lowbit.kernels.bitnet_linear import bitnet_linear
+    from lowbit.nn.linear import QuantLinear
+    from lowbit.quant.recipes import BITNET_ACT, BITNET_WEIGHT
+
+    device = torch.device(args.device)
+    amp = torch.bfloat16
+    torch.manual_seed(0)
+    layer = QuantLinear(k, n, bias=False, weight_spec=BITNET_WEIGHT, act_spec=BITNET_ACT, device=device)
+    layer.track_stats = False
+    layer.kernels = "off"
+    plain = torch.nn.Linear(k, n, bias=False, device=device)
+    x = torch.randn(m, k, device=device, requires_grad=True)  # fp32, as the residual stream feeds the layers
+    g = torch.randn(m, n, device=device, dtype=amp)
+    gemm = "auto" if device.type == "cuda" else "ref"
+    variants = {
+        "bf16 nn.Linear": plain,
+        "QuantLinear bitnet-b1.58 (fake quant)": layer,
+        "bitnet_linear (INT8 GEMM fwd)": lambda t: bitnet_linear(t, layer.weight, gemm_backend=gemm),
+    }
+    rows, base_ms = [], None
+    for name, mod in variants.items():
+
+        def step(mod=mod):
+            with torch.autocast(device.type, dtype=amp):
+                y = mod(x)
+            y.backward(g)
+            x.grad = None
+
+        row = {"shape": label, "M×K→N": f"{m}×{k}→{n}", "layer (fwd+bwd)": name}
+        try:
+            ms = time_ms(step, device, args.warmup, args.iters)
+        except Exception as e:  # report, keep going
+            rows.append(row | {"ms": "—", "vs bf16": f"failed: {type(e).__name__}: {str(e)[:60]}"})
+            continue
+        base_ms = ms if base_ms is None else base_ms
+        rows.append(row | {"ms": f"{ms:.3f}", "vs bf16": f"{base_ms / ms:.2f}×"})
+        plain.zero_grad(set_to_none=True)
+        layer.zero_grad(set_to_none=True)
     return rows
 
 
@@ -168,6 +234,7 @@ def _quest_linear_rows(args: argparse.Namespace, label: str, m: int, k: int, n: 
     torch.manual_seed(0)
     layer = QuantLinear(k, n, bias=False, weight_spec=quest_spec(4), act_spec=quest_spec(4), device=device)
     layer.track_stats = False
+    layer.kernels = "off"  # the fake-quant path: QuantLinear would otherwise dispatch to quest_linear on a GPU
     plain = torch.nn.Linear(k, n, bias=False, device=device)
     x = torch.randn(m, k, device=device, dtype=amp, requires_grad=True)
     g = torch.randn(m, n, device=device, dtype=amp)
@@ -240,7 +307,7 @@ def bench_hadamard_quant(args: argparse.Namespace) -> list[dict]:
     num_warps) launch variants."""
     device = torch.device(args.device)
     rows = []
-    for label, m, k, dtype in SMOKE_HQ if args.smoke else HQ_SHAPES:
+    for label, m, k, dtype in SMOKE_HQ if args.smoke else HQ_SHAPES[1:4] if args.quick else HQ_SHAPES:
         ref_ms: dict[str, float] = {}
         for op, name, nbytes, fn in _hq_variants(args, m, k, dtype, device):
             row = {"shape": label, "M×K": f"{m}×{k}", "dtype": str(dtype).removeprefix("torch."), "op": op}
@@ -286,6 +353,8 @@ def _hq_variants(args: argparse.Namespace, m: int, k: int, dtype: torch.dtype, d
         ("bwd", "reference (torch.compile)", bwd_bytes, lambda: compiled_bwd(g, mask)),
         ("bwd", "fused kernel", bwd_bytes, lambda: hq.masked_inverse_hadamard_triton(g, mask)),
     ]
+    if args.quick:  # no torch.compile'd references: their compilation dominates a bounded run
+        out = [v for v in out if "torch.compile" not in v[1]]
     for bm, nw in HQ_SWEEP if args.hq_sweep else ():
         cfg = f"kernel block_m={bm} warps={nw}"
         out.append(
@@ -443,7 +512,20 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--dqt-tiles", default="", help="dqt_step bench: extra fused rows, e.g. 2048x8,1024x4 "
                    "(elements per program × warps)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="report path (default results/bench_kernels_<device>.md)")
+    p.add_argument("--quick", action="store_true",
+                   help="bounded run: fewer shapes, no torch.compile'd references (module docstring)")
+    p.add_argument("--max-configs", type=int, default=0,
+                   help="autotune scaled_mm over only the first N of its H100 configs (0 = all 7)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="skip the remaining benches after this many seconds (0 = no limit)")
     args = p.parse_args(argv)
+    if args.quick and "--warmup" not in " ".join(sys.argv if argv is None else argv):
+        args.warmup, args.iters = 5, 20
+    if args.max_configs > 0:
+        from lowbit.kernels import scaled_mm as sm
+
+        sm._kernels.cache_clear()  # the autotuner is built from GPU_CONFIGS on first use
+        sm.GPU_CONFIGS = sm.GPU_CONFIGS[: args.max_configs]
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
@@ -456,14 +538,23 @@ def main(argv: list[str] | None = None) -> str:
         f"- command: `PYTHONPATH=src python {shlex.join(['benchmarks/bench_kernels.py', *sys.argv[1:]])}`",
         f"- timing: median of {args.iters} calls after {args.warmup} warm-up calls\n",
     ]
-    for name in names:
-        rows = BENCHES[name](args)
-        doc = (BENCHES[name].__doc__ or "").strip().replace("\n", " ")
-        report += [f"## {name}\n", " ".join(doc.split()) + "\n", _table(rows)]
-        print(f"[bench_kernels] {name}: done", file=sys.stderr)
-    text = "\n".join(report)
     out = args.out or RESULTS_DIR / f"bench_kernels_{'smoke_' if args.smoke else ''}{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    for i, name in enumerate(names):
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            report.append(f"Not run (--time-budget {args.time_budget:.0f} s reached): {', '.join(names[i:])}\n")
+            break
+        t0 = time.perf_counter()
+        try:
+            rows = BENCHES[name](args)
+        except Exception as e:  # one bench failing must not lose the others
+            rows = [{"error": f"{type(e).__name__}: {str(e)[:200]}"}]
+        doc = (BENCHES[name].__doc__ or "").strip().replace("\n", " ")
+        report += [f"## {name}\n", " ".join(doc.split()) + "\n", _table(rows)]
+        print(f"[bench_kernels] {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        out.write_text("\n".join(report))  # after every bench: a run cut short keeps the finished ones
+    text = "\n".join(report)
     out.write_text(text)
     print(text)
     return text

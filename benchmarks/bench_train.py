@@ -16,6 +16,18 @@ CPU); the median step time is reported. MFU = :func:`lowbit.models.llama.flops_p
 
 A markdown report (machine, date, exact command, numbers; the kernel breakdown with ``--profile``) is written
 to ``--out`` (default ``benchmarks/results/bench_train_<size>_<recipe>_<cpu or GPU name>.md``).
+
+**Side by side** (``--recipes``): one process measures every (size, recipe, ``quant.kernels``) combination in turn
+— step time, tokens/s, ratio to the bf16 step of the same size, peak memory — and writes one markdown table
+(rewritten after every row, so a run cut short keeps what it measured) plus a JSON file next to it. ``--kernels
+on,off`` runs each quantized recipe with the fused kernels (``lowbit.nn.linear.set_kernels``: quest_linear for
+QuEST W·A, the INT8 GEMM for bitnet / DQT int) and with the torch fake-quant path; recipes without a kernel run
+once. Between rows the model is freed and torch.compile's caches are reset (``torch._dynamo.reset()``: dynamo
+would otherwise stop recompiling the shared block code after 8 models and silently run it eagerly).
+``--time-budget`` skips the remaining rows once that many seconds have passed.
+
+    PYTHONPATH=src python benchmarks/bench_train.py --recipes bf16,quest-w4a4,quest-w8a8,bitnet-b1.58,dqt-int8,\
+        dqt-ternary --sizes 130m --batch 16 --seq 1024 --kernels on,off --out $OUT/bench_train_130m.md
 """
 
 from __future__ import annotations
@@ -115,6 +127,30 @@ def apply_recipe(model: nn.Module, recipe: str) -> nn.Module:
     return quantize_(model, spec, targets=q.targets, skip=q.skip)
 
 
+def set_kernels_of(model: nn.Module, mode: str, backend: str = "auto") -> list[str]:
+    """``quant.kernels`` for the model's quantized layers (lowbit.nn.linear.set_kernels); [] for bf16.
+    ``backend`` != auto forces the kernels' GEMM and quantizer backends (``ref``: the kernel path on the CPU)."""
+    try:
+        from lowbit.nn.linear import set_kernels
+    except ImportError:
+        return []
+    return set_kernels(model, mode, gemm_backend=backend, quant_backend=backend)
+
+
+def has_kernels(recipe: str) -> bool:
+    """Whether a recipe's layers have a fused op (QuEST W·A, integer-grid STE / BitNet, DQT int grids)."""
+    if recipe == "bf16":
+        return False
+    from lowbit.kernels.bitnet_linear import bitnet_linear_args, int8_operand
+    from lowbit.kernels.quest_linear import quest_linear_args
+    from lowbit.quant.recipes import get_recipe
+
+    r = get_recipe(recipe)
+    if r.direct:
+        return int8_operand(r.weight, estimator=False) and int8_operand(r.act)
+    return quest_linear_args(r.weight, r.act) is not None or bitnet_linear_args(r.weight, r.act) is not None
+
+
 def set_sdpa_backend(name: str) -> None:
     """Restrict scaled_dot_product_attention to one backend (global flags, which torch.compile reads)."""
     if name == "auto":
@@ -166,12 +202,15 @@ def machine_info(device: torch.device) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], float], nn.Module, Llama]:
-    mcfg = ModelConfig(size=args.size, vocab_size=args.vocab, max_seq_len=args.seq)
+def make_step(args: argparse.Namespace, device: torch.device, size: str | None = None, recipe: str | None = None,
+              kernels: str = "auto") -> tuple[Callable[[], float], nn.Module, Llama]:
+    """The trainer's step for one (size, recipe, quant.kernels); DQT recipes get the trainer's DirectOptimizer."""
+    mcfg = ModelConfig(size=size or args.size, vocab_size=args.vocab, max_seq_len=args.seq)
     tcfg = TrainConfig(batch_size=args.batch, seq_len=args.seq, grad_accum=args.grad_accum,
                        compile=args.compile)
     torch.manual_seed(0)
-    model = apply_recipe(Llama(mcfg), args.recipe).to(device)
+    model = apply_recipe(Llama(mcfg), recipe or args.recipe).to(device)
+    set_kernels_of(model, kernels, getattr(args, "kernel_backend", "auto"))
     model.train()
     opt = build_optimizer(model, tcfg, device)
     if args.compile:
@@ -202,7 +241,10 @@ def make_step(args: argparse.Namespace, device: torch.device) -> tuple[Callable[
                 loss = fwd(x, y) / args.grad_accum
             loss.backward()
             total += loss.detach()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        if hasattr(opt, "clip_grad_norm_"):  # DQT: the codes' gradients are not .grad (the trainer's branch)
+            gnorm = opt.clip_grad_norm_(tcfg.grad_clip)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
         loss_f, gnorm_f = float(total), float(gnorm)  # the trainer's one sync per step (NaN check)
         if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
             raise RuntimeError(f"non-finite loss {loss_f} / grad norm {gnorm_f}")
@@ -369,6 +411,147 @@ def render_markdown(r: Result, info: dict[str, str], when: str, cmd: str) -> str
 
 
 # ----------------------------------------------------------------------------------------------------------
+# side by side: sizes × recipes × quant.kernels in one process
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    size: str
+    recipe: str
+    kernels: str
+    kernel_layers: int = 0
+    step_ms: float | None = None
+    step_ms_min: float | None = None
+    step_ms_max: float | None = None
+    tokens_per_s: float | None = None
+    vs_bf16: float | None = None
+    max_allocated_gb: float | None = None
+    max_reserved_gb: float | None = None
+    first_step_s: float | None = None
+    loss: float | None = None
+    error: str = ""
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    torch._dynamo.reset()  # drop the compiled code (and the models it holds); also resets the recompile limits
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def measure_row(args: argparse.Namespace, device: torch.device, size: str, recipe: str, kernels: str) -> Row:
+    """Build, compile, warm up and time one configuration; the model is freed before returning."""
+    row = Row(size, recipe, kernels)
+    try:
+        step, _, model = make_step(args, device, size, recipe, kernels)
+        row.kernel_layers = len(set_kernels_of(model, kernels, args.kernel_backend)) if kernels != "off" else 0
+        t0 = time.perf_counter()
+        step()
+        row.first_step_s = time.perf_counter() - t0
+        for _ in range(max(0, args.warmup - 1)):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times, row.loss = time_steps(step, args.steps, device)
+        if device.type == "cuda":
+            row.max_allocated_gb = torch.cuda.max_memory_allocated(device) / 1e9
+            row.max_reserved_gb = torch.cuda.max_memory_reserved(device) / 1e9
+        row.step_ms, row.step_ms_min, row.step_ms_max = statistics.median(times), min(times), max(times)
+        row.tokens_per_s = args.batch * args.seq * args.grad_accum / (row.step_ms / 1e3)
+        del step, model
+    except Exception as e:  # report the row, keep going
+        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        print(f"[bench_train] {size} {recipe} kernels={kernels} failed: {row.error}", file=sys.stderr, flush=True)
+    _release(device)
+    return row
+
+
+def render_matrix(rows: list[Row], args: argparse.Namespace, info: dict[str, str], when: str, cmd: str,
+                  skipped: list[str]) -> str:
+    f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
+    lines = [
+        f"# bench_train: recipes side by side on {info.get('gpu', 'CPU ' + info['cpu'])}",
+        "",
+        f"- date: {when}",
+        f"- machine: {', '.join(f'{k} {v}' for k, v in info.items())}",
+        f"- command: `{cmd}`",
+        f"- config: batch {args.batch} × seq {args.seq} × grad_accum {args.grad_accum}, vocab {args.vocab}, "
+        f"compile {args.compile} (mode {args.compile_mode}), {args.warmup} warm-up + {args.steps} timed steps "
+        f"(median), the trainer's step (bf16 autocast over fp32 master weights on CUDA)",
+        "- kernels: `on` = lowbit's fused ops in the quantized layers (quest_linear for QuEST W·A, the exact INT8 "
+        "GEMM for BitNet and DQT int grids), `off` = the torch fake-quant path (the reference); "
+        "× bf16 = step time over the bf16 step of the same size (lower is faster)",
+        "",
+        "| size | recipe | kernels | kernel layers | step ms (min–max) | tokens/s | × bf16 step | peak alloc / "
+        "reserved GB | first step s | loss | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        step = "—" if r.step_ms is None else f"{r.step_ms:.2f} ({r.step_ms_min:.2f}–{r.step_ms_max:.2f})"
+        lines.append(f"| {r.size} | {r.recipe} | {r.kernels} | {r.kernel_layers} | {step} | "
+                     f"{f(r.tokens_per_s, ',.0f')} | {f(r.vs_bf16, '.2f')} | {f(r.max_allocated_gb, '.2f')} / "
+                     f"{f(r.max_reserved_gb, '.2f')} | {f(r.first_step_s, '.1f')} | {f(r.loss, '.3f')} | "
+                     f"{r.error.replace('|', '/')} |")
+    if skipped:
+        lines += ["", f"Not run (--time-budget {args.time_budget:.0f} s reached): {', '.join(skipped)}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_matrix(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    sizes = [v.strip() for v in args.sizes.split(",") if v.strip()]
+    recipes = [v.strip() for v in args.recipes.split(",") if v.strip()]
+    modes = [v.strip() for v in args.kernels.split(",") if v.strip()]
+    for m in modes:
+        if m not in ("auto", "on", "off"):
+            raise SystemExit(f"--kernels: {m!r} is not one of auto, on, off")
+    plan = []
+    for size in sizes:
+        for recipe in recipes:
+            if recipe != "bf16":  # unknown names fail now, before anything is timed
+                from lowbit.quant.recipes import get_recipe
+
+                try:
+                    get_recipe(recipe)
+                except ValueError as e:
+                    raise SystemExit(f"--recipes: {e}") from None
+            for mode in (modes if has_kernels(recipe) else modes[:1]):
+                plan.append((size, recipe, mode if has_kernels(recipe) else "—"))
+    out = args.out or RESULTS_DIR / f"bench_train_matrix_{'_'.join(sizes)}_{device_slug(device)}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info = machine_info(device)
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = command_line()
+    rows: list[Row] = []
+    skipped: list[str] = []
+    t_start = time.perf_counter()
+    for i, (size, recipe, mode) in enumerate(plan):
+        if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+            skipped = [f"{s} {r} kernels={m}" for s, r, m in plan[i:]]
+            break
+        row = measure_row(args, device, size, recipe, "off" if mode == "—" else mode)
+        row.kernels = mode
+        base = next((r for r in rows if r.size == size and r.recipe == "bf16" and r.step_ms), None)
+        if base is not None and row.step_ms:
+            row.vs_bf16 = row.step_ms / base.step_ms
+        rows.append(row)
+        print(f"[bench_train] {size} {recipe} kernels={mode}: "
+              + (f"{row.step_ms:.2f} ms/step, {row.tokens_per_s:,.0f} tok/s, x{row.vs_bf16 or float('nan'):.2f} "
+                 f"bf16, peak {row.max_allocated_gb or 0:.2f} GB, first step {row.first_step_s:.1f} s"
+                 if row.step_ms else row.error), flush=True)
+        out.write_text(render_matrix(rows, args, info, when, cmd, skipped))  # after every row: a cut run keeps it
+        out.with_suffix(".json").write_text(json.dumps(
+            {"machine": info, "date": when, "command": cmd, "rows": [asdict(r) for r in rows]}, indent=1))
+    out.write_text(render_matrix(rows, args, info, when, cmd, skipped))
+    print(out.read_text())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
 
@@ -388,6 +571,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
     ap.add_argument("--recipe", default="bf16", help="bf16, or a name from lowbit.quant.recipes")
+    ap.add_argument("--recipes", default=None,
+                    help="side by side: comma-separated recipes (e.g. bf16,quest-w4a4,bitnet-b1.58,dqt-int8), each "
+                    "at every --sizes and --kernels; one table")
+    ap.add_argument("--sizes", default=None, help="side by side: comma-separated sizes (default --size)")
+    ap.add_argument("--kernels", default=None,
+                    help="quant.kernels of the quantized layers: auto | on | off, or a list with --recipes "
+                    "(default: auto; with --recipes on,off)")
+    ap.add_argument("--kernel-backend", default="auto", choices=["auto", "ref"],
+                    help="ref: the kernels' torch reference backends (runs the kernel path on the CPU)")
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="side by side: skip the remaining rows after this many seconds (0 = no limit)")
     ap.add_argument("--sdpa", default="auto", choices=SDPA_BACKENDS, help="restrict SDPA to one backend")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -401,6 +595,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{k.replace('_', '-')} must be > 0")
     if args.warmup < 0:
         ap.error("--warmup must be >= 0")
+    if args.kernels is None:
+        args.kernels = "on,off" if args.recipes else "auto"
+    if args.sizes is None:
+        args.sizes = args.size
+    if not args.recipes and "," in args.kernels:
+        ap.error("--kernels takes one value without --recipes")
     return args
 
 
@@ -417,8 +617,10 @@ def main(argv: list[str] | None = None) -> Result:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         set_sdpa_backend(args.sdpa)
+    if args.recipes:
+        return run_matrix(args, device)  # type: ignore[return-value]
 
-    step, _, model = make_step(args, device)
+    step, _, model = make_step(args, device, kernels=args.kernels)
     cfg = model.cfg
     t0 = time.perf_counter()
     step()

@@ -4,6 +4,7 @@
                      and its backward Hᵀ(mask ⊙ grad)
     scaled_mm        exact FP8 / INT8 GEMM with row and column scales
     quest_linear     QuEST W·A linear for training: fused quantizers + scaled_mm forward, masked backward
+    bitnet_linear    BitNet b1.58 / DQT integer-grid linear: exact INT8 scaled_mm forward, STE backward
     dqt_step         fused stochastic-rounding AdamW step over DQT's integer codes (all tensors, one launch)
 
 Importing this package imports nothing else: the names below load their module on first access (PEP 562), and
@@ -27,6 +28,9 @@ _LAZY = {
     "scaled_mm_ref": "scaled_mm",
     "quest_linear": "quest_linear",
     "quest_linear_args": "quest_linear",
+    "bitnet_linear": "bitnet_linear",
+    "bitnet_linear_args": "bitnet_linear",
+    "bitnet_linear_ref": "bitnet_linear",
     "dqt_adamw_step_reference": "dqt_step",
     "dqt_adamw_step_triton": "dqt_step",
 }

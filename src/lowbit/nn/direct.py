@@ -21,6 +21,13 @@ per-token absmax 8-bit with STE; any non-learned QuantSpec). QuEST's grid (``dqt
 W·H (block Hadamard along K); when the activation spec rotates with the same block the product is taken in
 the rotated domain, (Q(XH))(WH)ᵀ, as QuEST does, and the weight gradient is already in the codes' domain.
 
+Fast path (``kernels``, set by :func:`lowbit.nn.linear.set_kernels` from ``quant.kernels``): when the codes are
+an integer grid without offset (dqt-ternary, dqt-int2 … dqt-int8; per-tensor or per-row Δ) and the activation
+spec is one too (BitNet's 8-bit absmax per token), the forward is one exact INT8 GEMM of the activation codes
+and the weight codes with the two steps in the epilogue (:func:`lowbit.kernels.scaled_mm.scaled_mm`): no
+dequantized weight is written to memory, and the backward saves the int8 activation codes instead of x̂.
+The backward is the same as above (G·Ŵ with Ŵ recomputed from the codes; gᵀx̂ delivered).
+
 The reference code also quantizes embeddings, lm_head and the norm gains; ``dqt.quantize_embeddings`` does
 the same here with :class:`DirectQuantEmbedding` and :class:`DirectQuantRMSNorm` (same storage, same update).
 """
@@ -234,6 +241,38 @@ class _DirectEmbeddingFn(torch.autograd.Function):
         return None, None, None
 
 
+class _DirectInt8LinearFn(torch.autograd.Function):
+    """y = scaled_mm(C_x, C_w, s_x, s_w) from the activation codes and the stored weight codes (INT8 tensor cores,
+    exact integer sum); backward as :class:`_DirectLinearFn` with x̂ = C_x·s_x rebuilt from the saved codes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantLinear, cx: torch.Tensor,
+                sx: torch.Tensor):
+        from lowbit.kernels.scaled_mm import scaled_mm
+
+        cdt = _compute_dtype(x)
+        cw, sw = mod._int8_weight()
+        y = scaled_mm(cx, cw, sx, sw, None, cdt, backend=mod.gemm_backend)
+        ctx.save_for_backward(cx, sx)
+        ctx.mod, ctx.cdt, ctx.x_dtype, ctx.lead = mod, cdt, x.dtype, x.shape[:-1]
+        return y.reshape(*x.shape[:-1], mod.out_features)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        cx, sx = ctx.saved_tensors
+        mod: DirectQuantLinear = ctx.mod
+        n = mod.out_features
+        g = gy.to(ctx.cdt).reshape(-1, n)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            w = mod._matmul_weight(ctx.cdt, False)
+            gx = (g @ w).to(ctx.x_dtype).reshape(*ctx.lead, mod.in_features)  # STE through the act quantizer
+            del w
+        xc = cx.float().mul_(sx[:, None]).to(ctx.cdt)  # x̂ as the torch path saves it
+        mod.deliver_grad((g.t() @ xc).float())
+        return gx, None, None, None, None
+
+
 def _anchor(ref: torch.Tensor) -> torch.Tensor | None:
     if not torch.is_grad_enabled():
         return None
@@ -273,6 +312,12 @@ class DirectQuantLinear(DirectModule):
             weight_spec.hadamard and act_spec is not None and act_spec.hadamard
             and act_spec.hadamard_block == weight_spec.hadamard_block
         )
+        self.kernels = "auto"  # fast INT8 forward: see lowbit.nn.linear.KERNEL_MODES and set_kernels
+        self.gemm_backend = self.quant_backend = "auto"
+        from lowbit.kernels.bitnet_linear import int8_operand
+
+        fits = int8_operand(weight_spec, estimator=False) and int8_operand(act_spec)
+        self._kernel_op: tuple[str, dict] | None = ("int8", {}) if fits else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None,
@@ -288,7 +333,43 @@ class DirectQuantLinear(DirectModule):
         w = self.weight_values(torch.float32 if rotate_back else dtype)
         return hadamard(w, self.weight_spec.hadamard_block).to(dtype) if rotate_back else w
 
+    # ---- fast INT8 forward --------------------------------------------------------------------------------
+    def kernel_op(self) -> tuple[str, dict] | None:
+        """("int8", {}) when the INT8 GEMM computes this layer (module docstring), else None."""
+        return self._kernel_op
+
+    def kernel_blocker(self, device: torch.device) -> str | None:
+        """Why the INT8 forward cannot run on ``device`` (a sentence), or None when it can."""
+        from lowbit.nn.linear import kernel_blocker
+
+        if self._kernel_op is None:
+            return "the recipe has no fused kernel"
+        return kernel_blocker("int8", {}, self.in_features, device, self.gemm_backend, self.quant_backend)
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        from lowbit.nn.linear import use_kernel
+
+        return use_kernel(self, self._kernel_op is not None, x.device)
+
+    def _int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes (N, K), float32 step per output row (N,)): the stored tensor itself at 8 bits."""
+        info = self.weight_spec.info
+        cw = self.weight_codes if storage_bits(info.levels) == 8 else self.codes()
+        sw = self.weight_scale.reshape(-1)
+        return cw, (sw.expand(self.out_features) if sw.numel() == 1 else sw)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lowbit.kernels.bitnet_linear import bitnet_linear_stats, quantize_int8
+
+        cx, sx = quantize_int8(x, self.act_spec)  # type: ignore[arg-type]
+        if self.track_stats:
+            self.last_stats = bitnet_linear_stats(x, cx, sx)
+        y = _DirectInt8LinearFn.apply(x, _anchor(x), self, cx, sx)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel(x):
+            return self._kernel_forward(x)
         rot = self.shared_rotation
         if self.act_spec is not None:
             stats: Stats | None = {} if self.track_stats else None

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The fast-low-bit-training GPU session in ONE call of at most 10 minutes (an H100; 16 CPU cores):
+#
+#   bash benchmarks/gpu_session.sh                # everything under ${OUT:-/tmp/out}
+#
+# Steps, in order, each under its own `timeout` (seconds), each logged to $OUT/<step>.log; a failing or timed-out
+# step does not stop the next one, and a summary (step, exit code, seconds) is printed at the end and written to
+# $OUT/summary.txt. Exit code 124 = the step ran past its timeout (what it wrote before is kept: the benchmarks
+# rewrite their reports after every row / bench).
+#
+#   1 tests      80 s  pytest -m needs_cuda tests/kernels tests/nn/test_kernel_dispatch.py (real kernels, real shapes)
+#   2 dqt_fused  40 s  pytest tests/optim/test_dqt_fused.py (own process: it runs Triton's interpreter)
+#   3 kernels   140 s  bench_kernels.py, every bench, bounded (--quick --max-configs 4 --time-budget 110)
+#   4 train130  220 s  bench_train.py: bf16, quest-w4a4, bitnet-b1.58, dqt-int8, quest-w8a8, dqt-ternary at 130m,
+#                      batch 16 × seq 1024, compiled, quant.kernels on and off side by side (--time-budget 175)
+#   5 parity     75 s  loss_parity.py: 200 steps kernels on vs off (tiny model, quest-w4a4, bitnet-b1.58, dqt-int8)
+#   6 train430  rest   the same side by side at 430m (batch 8), only if ≥ 60 s are left of TOTAL (default 580)
+#
+# Budgets add up to 555 s (+ ~10 s of setup); override with e.g. T_TRAIN130=200 or TOTAL=560. Outputs: $OUT/tests.log …,
+# $OUT/bench_kernels.md, $OUT/bench_train_130m.{md,json}, $OUT/loss_parity.{md,json,png}, $OUT/bench_train_430m.*.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+TOTAL=${TOTAL:-580}
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+step() {  # step NAME SECONDS COMMAND... — run under timeout, log to $OUT/NAME.log, record rc and time
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "=== [$name] (timeout ${limit}s, at ${SECONDS}s): $*"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  printf '%-10s rc=%-4s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >>"$SUMMARY"
+  echo "=== [$name] exit $rc after $((SECONDS - t0))s"
+}
+
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
+  $PY -c "import pytest, matplotlib; print('pytest', pytest.__version__, 'matplotlib', matplotlib.__version__)"
+  git rev-parse --short HEAD 2>/dev/null && git status --short 2>/dev/null | head -20
+} 2>&1 | tee "$OUT/machine.txt"
+
+RECIPES=bf16,quest-w4a4,bitnet-b1.58,dqt-int8,quest-w8a8,dqt-ternary
+
+step tests "${T_TESTS:-80}" $PY -m pytest -q -m needs_cuda -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+  tests/kernels tests/nn/test_kernel_dispatch.py
+step dqt_fused "${T_DQT:-40}" $PY -m pytest -q -p no:cacheprovider tests/optim/test_dqt_fused.py
+step kernels "${T_KERNELS:-140}" $PY benchmarks/bench_kernels.py --quick --max-configs 4 --time-budget 110 \
+  --out "$OUT/bench_kernels.md"
+step train130 "${T_TRAIN130:-220}" $PY benchmarks/bench_train.py --recipes "$RECIPES" --sizes 130m --batch 16 \
+  --seq 1024 --vocab 32000 --steps 10 --warmup 3 --kernels on,off --time-budget "${B_TRAIN130:-175}" \
+  --out "$OUT/bench_train_130m.md"
+step parity "${T_PARITY:-75}" $PY benchmarks/loss_parity.py --recipes quest-w4a4,bitnet-b1.58,dqt-int8 --steps 200 \
+  --out "$OUT/loss_parity"
+left=$((TOTAL - SECONDS))
+if [ "$left" -ge 60 ]; then
+  step train430 "$left" $PY benchmarks/bench_train.py --recipes "$RECIPES" --sizes 430m --batch 8 --seq 1024 \
+    --vocab 32000 --steps 10 --warmup 3 --kernels on,off --time-budget $((left - 45)) \
+    --out "$OUT/bench_train_430m.md"
+else
+  printf '%-10s skipped: %ss left of TOTAL=%s\n' train430 "$left" "$TOTAL" >>"$SUMMARY"
+fi
+
+echo
+echo "================ summary (${SECONDS}s in all; outputs in $OUT) ================"
+cat "$SUMMARY"
+grep -h -E "passed|failed|error" "$OUT/tests.log" "$OUT/dqt_fused.log" 2>/dev/null | tail -4
+ls -la "$OUT"
