@@ -18,8 +18,12 @@
 #
 # Budgets add up to 555 s (+ ~10 s of setup); override with e.g. T_TRAIN130=200 or TOTAL=560. Outputs: $OUT/tests.log …,
 # $OUT/bench_kernels.md, $OUT/bench_train_130m.{md,json}, $OUT/loss_parity.{md,json,png}, $OUT/bench_train_430m.*.
+# PART=train runs steps 1–6, PART=inference the decode kernels' CUDA tests and bench_decode.py (≤ 5 min), PART=all
+# (default) everything in the order above with decode last. At the end every output is packed into
+# $OUT/session-$PART.tgz (the device tool brings back at most 8 files), with summary.txt beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PART=${PART:-all}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -48,6 +52,7 @@ step() {  # step NAME SECONDS COMMAND... — run under timeout, log to $OUT/NAME
 
 RECIPES=bf16,quest-w4a4,bitnet-b1.58,dqt-int8,quest-w8a8,dqt-ternary
 
+if [ "$PART" != inference ]; then
 step tests "${T_TESTS:-80}" $PY -m pytest -q -m needs_cuda -p no:cacheprovider --junitxml="$OUT/tests.xml" \
   tests/kernels tests/nn/test_kernel_dispatch.py
 step dqt_fused "${T_DQT:-40}" $PY -m pytest -q -p no:cacheprovider tests/optim/test_dqt_fused.py
@@ -67,8 +72,22 @@ else
   printf '%-10s skipped: %ss left of TOTAL=%s\n' train430 "$left" "$TOTAL" >>"$SUMMARY"
 fi
 
+fi
+
+if [ "$PART" = inference ]; then
+  step gemv_tests "${T_GEMV:-90}" $PY -m pytest -q -m needs_cuda -p no:cacheprovider tests/kernels/test_lowbit_gemv.py
+fi
+left=$((TOTAL - SECONDS))  # decode kernels: GEMV + 800m tokens/s (≤ 4 min on an H100), only if time remains
+if [ "$PART" != train ] && [ "$left" -ge 90 ]; then
+  step decode "$left" $PY benchmarks/bench_decode.py --time-budget $((left - 60)) --out "$OUT/bench_decode.md"
+else
+  printf '%-10s skipped: %ss left of TOTAL=%s\n' decode "$left" "$TOTAL" >>"$SUMMARY"
+fi
+
 echo
 echo "================ summary (${SECONDS}s in all; outputs in $OUT) ================"
 cat "$SUMMARY"
 grep -h -E "passed|failed|error" "$OUT/tests.log" "$OUT/dqt_fused.log" 2>/dev/null | tail -4
 ls -la "$OUT"
+( cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name 'session-*.tgz' -printf '%P\0' |
+  tar -czf "session-$PART.tgz" --null -T - --remove-files ) && echo "packed into $OUT/session-$PART.tgz"

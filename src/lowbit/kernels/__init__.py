@@ -6,6 +6,7 @@
     quest_linear     QuEST W·A linear for training: fused quantizers + scaled_mm forward, masked backward
     bitnet_linear    BitNet b1.58 / DQT integer-grid linear: exact INT8 scaled_mm forward, STE backward
     dqt_step         fused stochastic-rounding AdamW step over DQT's integer codes (all tensors, one launch)
+    lowbit_gemv      decode GEMV / small-batch GEMM straight from packed W1.58/W2/W4/W8 codes (PackedLinear.kernel)
 
 Importing this package imports nothing else: the names below load their module on first access (PEP 562), and
 the modules import Triton only when a kernel first runs.
@@ -33,6 +34,9 @@ _LAZY = {
     "bitnet_linear_ref": "bitnet_linear",
     "dqt_adamw_step_reference": "dqt_step",
     "dqt_adamw_step_triton": "dqt_step",
+    "lowbit_gemv": "lowbit_gemv",
+    "lowbit_gemv_ref": "lowbit_gemv",
+    "packed_linear_kernel": "lowbit_gemv",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,459 @@
+"""Decode GEMV / small-batch GEMM straight from packed low-bit weights (W1.58, W2, W4, W8 × A16).
+
+    lowbit_gemv(x, codes, scale, bias=None, *, storage, zero, deterministic=False, backend="auto")
+        y[b, n] = Σ_k x[b, k] · (u[n, k] − zero) · Δ[n, k // g]  (+ bias[n])
+
+``x`` (…, K) bf16 / fp16 / fp32; ``codes`` the weight (N, K) as :mod:`lowbit.quant.packing` stores it, row by
+row along K: ``storage`` ``"1bit"`` (8 per byte), ``"2bit"`` (4 per byte: ternary, 2-bit), ``"4bit"`` (2 per
+byte), ``"int8"`` (the signed code itself) or ``"base3"`` (5 ternary digits per byte); ``u`` is the stored
+digit (the unsigned code ``code − qmin`` of the packed storages, the signed code for int8). ``zero`` maps the
+digit onto the grid: a value (code + offset)·Δ is (u − zero)·Δ with ``zero = −(qmin + offset)`` for packed
+storages and ``zero = −offset`` for int8 (:func:`grid_zero`). ``scale`` Δ is float32 of shape () (per
+tensor), (N, 1) (per row) or (N, K/g) (per group of g along K). Output: (…, N) in x's dtype.
+
+**The reference** (:func:`lowbit_gemv_ref`, same signature) unpacks with :mod:`lowbit.quant.packing`,
+dequantizes (u − zero)·Δ and multiplies in float32 (float64 for float64 x: the exactness tests).
+
+**The Triton kernel.** One program owns BLOCK_N output rows × one K slice (split-K: SPLIT_K slices, so that
+a batch-1 GEMV with few row tiles still fills 132 SMs), for a tile of up to 16 rows of x. It streams the
+packed bytes of its rows, BLOCK_K codes at a time, and unpacks them in registers *digit plane by digit
+plane*: for digit p of every byte, ``u = (byte >> bits·p) & mask`` (base 3: repeated ``// 3``, ``% 3``)
+belongs to code k = PER·byte + p, so it meets the strided activations x[:, PER·j + p] — no reshuffling of
+registers, and x (≤ 16 × K × 2 bytes) stays in L1/L2. The digit becomes a float without an int→float
+conversion: the bits of (2u) OR-ed into 2²² read as the float 2²² + u, and subtracting 2²² + zero gives
+u − zero exactly (zero is a multiple of ½, and 2²² has ulp ½). Accumulation is float32:
+
+* batch 1 (``USE_DOT=False``): fp32 FMAs into a (BLOCK_N, BLOCK_KB) accumulator, reduced once at the end;
+* batch 2–16 (``USE_DOT=True``): ``tl.dot`` of the x tile (16 rows, zero-padded) with the dequantized digit
+  plane in x's dtype (bf16/fp16: every (u − zero) of a ≤ 8-bit grid is exact there; fp32 x: an IEEE fp32
+  dot, no TF32) — tensor cores do the multiply-adds, the ALUs only unpack.
+
+Δ per row is applied once to the finished sum, Δ per group to each weight before the multiply (a gather;
+grouped weights are the slow path — lowbit's recipes use per-tensor or per-row steps). Split-K partial sums
+go either into a zeroed float32 buffer with ``atomic_add`` (default: order-dependent in the last bits), or,
+with ``deterministic=True``, into one slice per split summed afterwards in a fixed order (two passes).
+Bias is added in float32 in the epilogue (SPLIT_K = 1) or after the reduction.
+
+**Configurations.** On a GPU the kernel is autotuned over :data:`GPU_CONFIGS` (BLOCK_N 64–256, BLOCK_K
+128–512 codes, SPLIT_K 1–16, 4–8 warps, 2–4 stages; H100-oriented, see the benchmark
+``benchmarks/bench_decode.py``); keyed by (B, N, K, layout), and by dtypes. Under ``TRITON_INTERPRET=1`` (the
+CPU tests) it runs :data:`INTERPRET_CONFIG`, small blocks with SPLIT_K = 2. The interpreter's bf16 arithmetic
+is wrong (it truncates), so there the dot runs in float32 on the loaded-and-converted operands; the compiled
+kernel's bf16/fp16 dot is checked by the ``needs_cuda`` tests.
+
+**In a model.** :func:`packed_linear_kernel` is a ``PackedLinear.kernel`` hook (:func:`install` sets it on
+every supported layer). It computes ``layer.prepare_input(x)`` first — identity for weight-only layers,
+the online Hadamard rotation for QuEST weight-only, and **as a stopgap** the layer's torch activation
+fake-quantizer for activation-quantized layers (BitNet / DQT A8, QuEST W·A): those then run the GEMV on
+dequantized activations in bf16/fp32, which is what the torch path computes, but not yet an integer
+A8 kernel. Inputs of more than ``max_rows`` rows (prefill) go to ``layer.reference_forward``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels._triton import has_triton, interpreting, jit_namespace
+from lowbit.quant.packing import unpack, unpack_base3
+
+__all__ = [
+    "STORAGES",
+    "grid_zero",
+    "install",
+    "lowbit_gemv",
+    "lowbit_gemv_ref",
+    "packed_linear_kernel",
+    "supports",
+]
+
+#: Weight storages the kernel reads (the names of :data:`lowbit.export.packed.STORAGES`).
+STORAGES = ("1bit", "2bit", "4bit", "int8", "base3")
+#: Activation (and output) dtypes.
+X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BACKENDS = ("auto", "triton", "ref")
+#: Rows of x one program handles (the dot's M; tl.dot needs ≥ 16).
+BLOCK_B = 16
+#: Largest SPLIT_K of any configuration (the deterministic workspace has this many slices).
+SPLIT_MAX = 16
+
+triton = tl = None  # placeholders: the real modules live in _kernels()' namespace
+
+_BITS = {"1bit": 1, "2bit": 2, "4bit": 4, "int8": 8, "base3": 0}
+
+
+def grid_zero(storage: str, qmin: int, offset: float) -> float:
+    """``zero`` such that (u − zero)·Δ = (code + offset)·Δ for digits u stored in ``storage``."""
+    if storage not in STORAGES:
+        raise ValueError(f"lowbit_gemv: storage must be one of {STORAGES}, got {storage!r}")
+    return -float(offset) if storage == "int8" else -(float(qmin) + float(offset))
+
+
+def _per_byte(storage: str) -> int:
+    return 5 if storage == "base3" else 8 // _BITS[storage]
+
+
+def _check(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, storage: str,
+           zero: float) -> tuple[int, int, int]:
+    """(N, K, groups) after validating shapes and dtypes."""
+    if storage not in STORAGES:
+        raise ValueError(f"lowbit_gemv: storage must be one of {STORAGES}, got {storage!r}")
+    if x.dim() != 2:
+        raise ValueError(f"lowbit_gemv: x must be 2-D (B, K) here, got {tuple(x.shape)}")
+    k = x.shape[1]
+    if codes.dim() != 2:
+        raise ValueError(f"lowbit_gemv: codes must be 2-D (N, K/p), got {tuple(codes.shape)}")
+    want = torch.int8 if storage == "int8" else torch.uint8
+    if codes.dtype != want:
+        raise TypeError(f"lowbit_gemv: {storage} codes are {want}, got {codes.dtype}")
+    n = codes.shape[0]
+    kb = -(-k // _per_byte(storage))
+    if codes.shape[1] != kb:
+        raise ValueError(f"lowbit_gemv: {storage} codes of K={k} have {kb} bytes per row, got {codes.shape[1]}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"lowbit_gemv: scale must be float32, got {scale.dtype}")
+    if scale.dim() == 0:
+        groups = 1
+    elif scale.dim() == 2 and scale.shape[0] == n and scale.shape[1] >= 1 and k % scale.shape[1] == 0:
+        groups = scale.shape[1]
+    else:
+        raise ValueError(f"lowbit_gemv: scale must be (), ({n}, 1) or ({n}, K/g) with g dividing K={k}, "
+                         f"got {tuple(scale.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"lowbit_gemv: bias must have shape ({n},), got {tuple(bias.shape)}")
+    if zero * 2 != round(zero * 2) or abs(zero) > 256:
+        raise ValueError(f"lowbit_gemv: zero must be a multiple of 1/2 in [-256, 256], got {zero}")
+    return n, k, groups
+
+
+def _row_scale(scale: torch.Tensor, n: int) -> torch.Tensor:
+    """Δ as (N, G) float32 (a per-tensor step broadcast, without a copy)."""
+    return scale.reshape(1, 1).expand(n, 1) if scale.dim() == 0 else scale
+
+
+def lowbit_gemv_ref(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    storage: str, zero: float, deterministic: bool = False, backend: str = "ref") -> torch.Tensor:
+    """Pure torch: unpack with :mod:`lowbit.quant.packing`, W = (u − zero)·Δ, y = x·Wᵀ (+ bias), computed in
+    float32 (float64 when x is float64), returned in x's dtype. ``deterministic``/``backend``: ignored (same
+    signature as :func:`lowbit_gemv`)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    n, k, groups = _check(x2, codes, scale, bias, storage, zero)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if storage == "base3":
+        u = unpack_base3(codes, k, qmin=0)
+    elif storage == "int8":
+        u = unpack(codes, -128, 256, k)  # the signed code itself
+    else:
+        u = unpack(codes, 0, 1 << _BITS[storage], k)  # the digits u = code − qmin, 0 ≤ u < 2^bits
+    s = _row_scale(scale, n).to(acc)
+    w = (u.to(acc) - zero).reshape(n, groups, k // groups) * s[:, :, None]  # (N, G, g)
+    y = x2.to(acc) @ w.reshape(n, k).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*lead, n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Triton kernel (plain functions, jitted on first use into a namespace of their own: importing this
+# module imports no Triton; see lowbit.kernels._triton)
+# ----------------------------------------------------------------------------------------------------------
+
+#: The one configuration under TRITON_INTERPRET=1: small blocks, two K slices (exercises split-K).
+INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2}
+
+#: H100 decode configurations (BLOCK_N, BLOCK_K codes, SPLIT_K, num_warps, num_stages). A batch-1 GEMV of
+#: 4096×11008 ternary weights is ~11 MB: ~4 µs at 3 TB/s, so the kernel is bound by the issue rate of the
+#: unpack as much as by memory; larger BLOCK_K amortises the per-chunk address math, SPLIT_K fills the SMs
+#: when N/BLOCK_N row tiles are fewer than ~2×132.
+GPU_CONFIGS = (
+    (64, 256, 1, 4, 3),
+    (64, 256, 2, 4, 3),
+    (64, 512, 4, 4, 2),
+    (64, 128, 8, 4, 4),
+    (128, 256, 1, 8, 3),
+    (128, 256, 2, 4, 3),
+    (128, 512, 4, 8, 2),
+    (128, 128, 16, 4, 4),
+    (256, 128, 2, 8, 3),
+    (256, 256, 1, 8, 2),
+)
+
+
+def _to_float(u, zero):
+    # u (int32, 0 ≤ u < 2²¹) → float32 u − zero, exactly: the bits 0x4A800000 | 2u are the float 2²² + u
+    # (ulp ½ at 2²²), and 2²² + zero is exact for zero a multiple of ½ — no int→float conversion instruction
+    f = ((u << 1) | 0x4A800000).to(tl.float32, bitcast=True)
+    return f - (4194304.0 + zero)
+
+
+def _lowbit_gemv_kernel(
+    x_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr,
+    B, N, K, KB, GROUP, zero,
+    stride_xb, stride_cn, stride_sn, stride_sg, stride_ob, stride_ws,
+    BITS: tl.constexpr, BASE3: tl.constexpr, PER: tl.constexpr, SIGNED: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    # PER digits per byte; a chunk is BLOCK_KB = BLOCK_K / KB_DIV bytes (the launcher divides; a power of two:
+    # base 3 has KB_DIV = 4, so its chunk holds 5/4·BLOCK_K codes). MASK: one bit-packed digit.
+    MASK = (1 << BITS) - 1
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    n_ok = offs_n < N
+    b_ok = offs_b < B
+    # this program's slice of the packed row: whole chunks, [kb_lo, kb_hi)
+    kb_per = ((KB + SPLIT_K - 1) // SPLIT_K + BLOCK_KB - 1) // BLOCK_KB * BLOCK_KB
+    kb_lo = pid_k * kb_per
+    kb_hi = min(kb_lo + kb_per, KB)
+    c_rows = codes_ptr + offs_n[:, None].to(tl.int64) * stride_cn
+    x_rows = x_ptr + offs_b[:, None].to(tl.int64) * stride_xb
+    if USE_DOT:
+        acc = tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=tl.float32)
+    else:
+        acc2 = tl.full((BLOCK_N, BLOCK_KB), 0.0, dtype=tl.float32)
+    for kb0 in range(kb_lo, kb_hi, BLOCK_KB):
+        offs_kb = kb0 + tl.arange(0, BLOCK_KB)
+        byte = tl.load(c_rows + offs_kb[None, :], mask=n_ok[:, None] & (offs_kb[None, :] < kb_hi), other=0)
+        byte = byte.to(tl.int32)  # uint8 → 0…255; int8 storage: the signed code c → c + 128 (zero shifted to match)
+        if SIGNED:
+            byte = byte + 128
+        for p in tl.static_range(PER):
+            if BASE3:
+                u = byte % 3
+                byte = byte // 3
+            else:
+                u = (byte >> (BITS * p)) & MASK
+            w = _to_float(u, zero)  # (BLOCK_N, BLOCK_KB) = u − zero
+            offs_k = offs_kb * PER + p  # the code index of digit p of each byte
+            if GROUPED:
+                s = tl.load(scale_ptr + offs_n[:, None] * stride_sn + (offs_k[None, :] // GROUP) * stride_sg,
+                            mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+                w = w * s
+            if USE_DOT:
+                xv = tl.load(x_rows + offs_k[None, :], mask=b_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(xv.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xv, tl.trans(w.to(xv.dtype)), acc)
+            else:
+                xv = tl.load(x_ptr + pid_b * BLOCK_B * stride_xb + offs_k, mask=offs_k < K, other=0.0)
+                acc2 += w * xv.to(tl.float32)[None, :]
+    if USE_DOT:
+        y = acc
+    else:
+        y = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N): batch row pid_b
+        offs_b = pid_b * BLOCK_B + tl.arange(0, 1)
+        b_ok = offs_b < B
+    if not GROUPED:
+        y = y * tl.load(scale_ptr + offs_n * stride_sn, mask=n_ok, other=0.0)[None, :]
+    ok = b_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        o = out_ptr + offs_b[:, None].to(tl.int64) * stride_ob + offs_n[None, :]
+        tl.store(o, y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        wsp = ws_ptr + pid_k * stride_ws + offs_b[:, None].to(tl.int64) * N + offs_n[None, :]
+        if ATOMIC:
+            tl.atomic_add(wsp, y, mask=ok)
+        else:
+            tl.store(wsp, y, mask=ok)
+
+
+_JIT_FUNCTIONS = ("_to_float", "_lowbit_gemv_kernel")
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    kernel: object  # jitted, explicit config
+    triton: object
+
+    @functools.cache  # noqa: B019 — one per (mode, bytes-per-chunk divisor); the instance lives forever
+    def tuned(self, kb_div: int) -> object:
+        """The kernel autotuned over GPU_CONFIGS, BLOCK_K codes → BLOCK_KB = BLOCK_K / kb_div bytes."""
+        configs = [self.triton.Config({"BLOCK_N": bn, "BLOCK_KB": max(16, bk // kb_div), "SPLIT_K": sk},
+                                      num_warps=w, num_stages=st)
+                   for bn, bk, sk, w, st in GPU_CONFIGS]
+        key = ["B", "N", "K", "GROUP", "BITS", "BASE3", "GROUPED", "HAS_BIAS", "USE_DOT", "ATOMIC"]
+        return self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"])(self.kernel)
+
+
+@functools.cache
+def _kernels(interpret: bool) -> _Kernels:
+    if not has_triton():
+        raise ModuleNotFoundError("lowbit_gemv backend='triton' needs Triton: pip install 'lowbit[triton]' "
+                                  "(triton>=3.6), or use backend='ref'")
+    import triton
+    import triton.language as tl
+
+    if interpret != interpreting():
+        raise RuntimeError("TRITON_INTERPRET changed while the kernels were being built")
+    ns = jit_namespace(globals(), _JIT_FUNCTIONS, dict(triton=triton, tl=tl), nospec={"_lowbit_gemv_kernel": ("zero",)})
+    return _Kernels(ns["_lowbit_gemv_kernel"], triton)
+
+
+def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                        storage: str, zero: float, deterministic: bool, config: dict | None = None) -> torch.Tensor:
+    """Launch on x (B, K): autotuned on a GPU; ``config`` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) or
+    :data:`INTERPRET_CONFIG` under the interpreter."""
+    interpret = interpreting()
+    if not interpret and not x.is_cuda:
+        raise RuntimeError("lowbit_gemv backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                           "interpreter); use backend='ref' on the CPU")
+    n, k, groups = _check(x, codes, scale, bias, storage, zero)
+    b = x.shape[0]
+    out = torch.empty((b, n), device=x.device, dtype=x.dtype)
+    if b == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.to(out.dtype).expand(b, n))
+    kern = _kernels(interpret)
+    x = x.contiguous()
+    codes = codes.contiguous()
+    if storage == "int8":  # the kernel reads the signed code c as the digit c + 128: shift zero to match
+        zero = zero + 128.0
+    s = _row_scale(scale, n)
+    grouped = groups > 1
+    use_dot = b > 1
+    atomic = not deterministic
+    # split-K partials: zeroed (atomic) or one slice per split (deterministic, summed below in a fixed order)
+    ws = (torch.zeros((b, n), device=x.device, dtype=torch.float32) if atomic
+          else torch.empty((SPLIT_MAX, b, n), device=x.device, dtype=torch.float32))
+    args = (x, codes, s, bias if bias is not None else s, out, ws, b, n, k, codes.shape[1], k // groups, zero,
+            x.stride(0), codes.stride(0), s.stride(0), s.stride(1), out.stride(0), 0 if atomic else b * n)
+    per = _per_byte(storage)
+    kb_div = 4 if per == 5 else per
+    flags = dict(BITS=_BITS[storage] or 2, BASE3=storage == "base3", PER=per, SIGNED=storage == "int8",
+                 GROUPED=grouped, HAS_BIAS=bias is not None,
+                 USE_DOT=use_dot, DOT_F32=interpret or x.dtype == torch.float32 or grouped, ATOMIC=atomic,
+                 BLOCK_B=BLOCK_B if use_dot else 1)
+    nb = -(-b // flags["BLOCK_B"])
+    if config is None and not interpret:
+        def grid(meta: dict) -> tuple[int, int, int]:
+            return (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"], nb)
+
+        tuned = kern.tuned(kb_div)
+        tuned[grid](*args, **flags)
+        split = tuned.best_config.kwargs["SPLIT_K"]
+    else:
+        cfg = dict(INTERPRET_CONFIG if config is None else config)
+        nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
+        split = cfg["SPLIT_K"]
+        cfg["BLOCK_KB"] = max(16, cfg.pop("BLOCK_K") // kb_div)  # tl.dot takes K ≥ 16 (1-bit: 128 codes)
+        if split > SPLIT_MAX:
+            raise ValueError(f"SPLIT_K={split} > {SPLIT_MAX}")
+        kern.kernel[(-(-n // cfg["BLOCK_N"]), split, nb)](*args, **flags, **cfg, num_warps=nw, num_stages=ns)
+    if split == 1:
+        return out
+    y = ws if atomic else ws[:split].sum(0)
+    if bias is not None:
+        y = y + bias.float()
+    return out.copy_(y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom op and the public entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend != "auto":
+        return backend
+    if interpreting() and has_triton():
+        return "triton"
+    return "triton" if device.type == "cuda" and has_triton() else "ref"
+
+
+@torch.library.custom_op(
+    "lowbit::lowbit_gemv", mutates_args=(),
+    schema="(Tensor x, Tensor codes, Tensor scale, Tensor? bias, str storage, float zero, bool deterministic, "
+           "str backend) -> Tensor",
+)
+def _lowbit_gemv_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    storage: str, zero: float, deterministic: bool, backend: str) -> torch.Tensor:
+    if _resolve_backend(backend, x.device) == "triton":
+        return _lowbit_gemv_triton(x, codes, scale, bias, storage, zero, deterministic)
+    return lowbit_gemv_ref(x, codes, scale, bias, storage=storage, zero=zero)
+
+
+@_lowbit_gemv_op.register_fake
+def _(x, codes, scale, bias, storage, zero, deterministic, backend):
+    n, _, _ = _check(x, codes, scale, bias, storage, zero)
+    return x.new_empty((x.shape[0], n))
+
+
+def lowbit_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                storage: str, zero: float, deterministic: bool = False, backend: str = "auto") -> torch.Tensor:
+    """y = x · ((u − zero)·Δ)ᵀ (+ bias) for packed weights (module docstring). ``x`` (…, K) bf16/fp16/fp32;
+    ``codes`` (N, ceil(K/p)) as ``storage`` packs them; ``scale`` float32 (), (N, 1) or (N, K/g); ``bias``
+    (N,) or None. Returns (…, N) in x's dtype. ``deterministic``: split-K partials summed in a fixed order
+    instead of atomically. ``backend``: auto (triton on CUDA or under TRITON_INTERPRET=1, else ref) | triton |
+    ref. Inference only (no autograd)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"lowbit_gemv: backend must be one of {BACKENDS}, got {backend!r}")
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"lowbit_gemv: x must be one of {X_DTYPES}, got {x.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    _check(x2, codes, scale, bias, storage, zero)
+    y = _lowbit_gemv_op(x2, codes, scale, bias, storage, float(zero), bool(deterministic), backend)
+    return y.reshape(*lead, y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the PackedLinear hook
+# ----------------------------------------------------------------------------------------------------------
+
+
+def supports(layer) -> bool:
+    """Whether :func:`packed_linear_kernel` can run ``layer`` (a PackedLinear): every storage of the packed
+    format, any scale granularity, with or without bias."""
+    return getattr(layer, "storage", None) in STORAGES
+
+
+def packed_linear_kernel(layer, x: torch.Tensor, *, max_rows: int = 64, deterministic: bool = False,
+                         backend: str = "auto") -> torch.Tensor:
+    """``PackedLinear.kernel``: the layer's forward through :func:`lowbit_gemv`.
+
+    x goes through ``layer.prepare_input`` first: identity (weight-only, A16), the online Hadamard rotation
+    (QuEST weight-only), or — STOPGAP for activation-quantized layers (BitNet/DQT A8, QuEST W·A) — the layer's
+    torch activation fake-quantizer, after which the GEMV multiplies the dequantized activations in x's dtype
+    (the torch path's arithmetic; an integer-activation kernel is still to come). Under autocast x is cast to
+    the autocast dtype first (as F.linear would be). More than ``max_rows`` rows of x (a prefill) go to
+    ``layer.reference_forward``. Raises NotImplementedError for a layer :func:`supports` rejects."""
+    if not supports(layer):
+        raise NotImplementedError(f"lowbit_gemv: no kernel for weight storage {getattr(layer, 'storage', None)!r}")
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > max_rows:
+        return layer.reference_forward(x)
+    dev = x.device.type
+    xq = layer.prepare_input(x)
+    if torch.is_autocast_enabled(dev):
+        xq = xq.to(torch.get_autocast_dtype(dev))
+    if xq.dtype not in X_DTYPES:
+        xq = xq.float()
+    info = layer.weight_spec.info
+    zero = grid_zero(layer.storage, info.qmin, info.offset)
+    return lowbit_gemv(xq, layer.codes, layer.scale, layer.bias, storage=layer.storage, zero=zero,
+                       deterministic=deterministic, backend=backend)
+
+
+def install(model: torch.nn.Module, **kwargs) -> int:
+    """Set :func:`packed_linear_kernel` (with ``kwargs``: max_rows, deterministic, backend) as the ``kernel`` of
+    every supported PackedLinear of ``model``; returns how many. ``uninstall``: set ``layer.kernel = None``."""
+    from lowbit.export.packed import packed_modules
+
+    count = 0
+    for _, layer in packed_modules(model):
+        if supports(layer):
+            layer.kernel = functools.partial(packed_linear_kernel, **kwargs) if kwargs else packed_linear_kernel
+            count += 1
+    return count
