@@ -296,6 +296,12 @@ def cmd_generate(args) -> int:
                               f"(`lowbit convert RUN --to packed`)")
         model, meta = load_packed(src, device)
         amp = torch.bfloat16 if device.type == "cuda" else None
+        if device.type == "cuda" and args.kernels:
+            from lowbit.kernels import lowbit_gemv
+
+            if lowbit_gemv.has_triton():
+                n = lowbit_gemv.install(model)
+                print(f"decode kernels: {n} packed layers use the Triton GEMV", file=sys.stderr)
         tok_src = args.tokenizer or (src / meta["tokenizer"] if meta.get("tokenizer") else None)
         if tok_src is None:
             raise ConfigError(f"{src} holds no tokenizer; pass --tokenizer FILE_OR_DATASET_DIR")
@@ -469,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--tokenizer", help="tokenizer file or prepared dataset directory (default: the run's "
                    "dataset, or the packed directory's tokenizer.json)")
+    g.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, run the packed layers' matmuls with the Triton low-bit GEMV (default on)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the decode step as a CUDA graph (default: on when running on CUDA)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
