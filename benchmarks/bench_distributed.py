@@ -9,8 +9,10 @@ whole job, peak allocated memory (CUDA), and per step the bytes of
 
 * **all-gather** (FSDP2): the block linears' weights in the dtype they travel in (bf16 with the mixed-precision
   policy, fp32 without), gathered twice a step (forward, and again in backward: reshard_after_forward) — for
-  DQT the int8/packed codes + scales they *would* travel as once FSDP2 shards them (docs/distributed.md: the
-  design; marked "projected");
+  DQT the int8/packed codes as FSDP2 shards and gathers them (computed from the tensors,
+  ``allgather_block_linears_MB``), and ``allgather_blocks_measured_MB``: the bytes each rank received from the
+  block units' all-gathers in one step, counted in a wrapper of FSDP2's all-gather calls
+  (``lowbit.distributed.parallel.count_all_gathers``; block linears plus their norm gains);
 * **gradient reduction**: all-reduce (DDP) / reduce-scatter (FSDP2) of every trained tensor's gradient (fp32).
 
 Run it under torchrun on the GPU machine, once per world size (1 then 2) for the scaling:
@@ -75,10 +77,10 @@ def traffic(model, cfg, world: int, device: torch.device) -> dict[str, float]:
             gather += p.numel() * (2 if bf16 else p.element_size())
     for name, m in direct_modules(model):
         grads += m.weight_numel * 4
-        if name.rsplit(".", 1)[-1] in BLOCK_LINEARS:  # projected: codes + scales, as stored
-            gather += m.weight_codes.numel() * m.weight_codes.element_size() + m.weight_scale.numel() * 4
+        if name.rsplit(".", 1)[-1] in BLOCK_LINEARS:  # codes as stored (scales stay replicated buffers)
+            gather += m.weight_codes.numel() * m.weight_codes.element_size()
     out = {"grad_reduce_MB": grads * (2 * frac if cfg.train.parallel == "ddp" else frac) / 1e6}
-    if cfg.train.parallel == "fsdp2" or cfg.is_direct:
+    if cfg.train.parallel == "fsdp2":
         out["allgather_block_linears_MB"] = 2 * gather * frac / 1e6  # forward + backward re-gather
     return out
 
@@ -88,8 +90,6 @@ def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> d
     from lowbit.runs import autocast_dtype, build_model
     from lowbit.train.optim import build_optimizer
 
-    if parallel == "fsdp2" and recipe.startswith("dqt-"):
-        return {"recipe": recipe, "parallel": parallel, "skipped": "DQT codes are not sharded by FSDP2 yet"}
     cfg = _config(args, recipe, parallel)
     torch.manual_seed(0)
     model = build_model(cfg, device)
@@ -105,14 +105,24 @@ def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    measured: list = []
     for i in range(args.warmup + args.steps):
         b = batches[i % len(batches)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = fwd(b[:, :-1], b[:, 1:])
-        loss.backward()
+
+        def fwd_bwd(b=b, fwd=fwd):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = fwd(b[:, :-1], b[:, 1:])
+            loss.backward()
+            return loss
+
+        if i == 0 and parallel == "fsdp2":  # a warm-up step: count what FSDP2 actually all-gathers
+            measured.append(D.parallel.block_all_gather_bytes(model, lambda: measured.append(fwd_bwd())))
+            loss = measured.pop(0)
+        else:
+            loss = fwd_bwd()
         D.sync_direct_grads(model, info)
         if hasattr(opt, "clip_grad_norm_"):
             opt.clip_grad_norm_(1.0)
@@ -128,8 +138,8 @@ def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> d
     step = statistics.median(times)
     row = {"recipe": recipe, "parallel": parallel, "step_ms": step * 1e3,
            "tok_per_s": info.world_size * args.batch * args.seq / step} | {k: v for k, v in proj.items()}
-    if cfg.is_direct and "allgather_block_linears_MB" in row:
-        row["allgather_block_linears_MB"] = f"{row['allgather_block_linears_MB']:.2f} (projected)"
+    if measured:  # bytes each rank received from the block units' all-gathers (linears + norm gains), measured
+        row["allgather_blocks_measured_MB"] = measured[0] / 1e6
     if device.type == "cuda":
         row["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     del model, fwd, opt
@@ -150,7 +160,8 @@ def run(rank: int, world: int, args) -> None:
 
 
 def report(args, rows: list[dict], world: int, device: torch.device) -> None:
-    keys = ["parallel", "recipe", "step_ms", "tok_per_s", "peak_GiB", "allgather_block_linears_MB", "grad_reduce_MB",
+    keys = ["parallel", "recipe", "step_ms", "tok_per_s", "peak_GiB", "allgather_block_linears_MB",
+            "allgather_blocks_measured_MB", "grad_reduce_MB",
             "skipped"]
     keys = [k for k in keys if any(k in r for r in rows)]
 

@@ -21,8 +21,9 @@ def test_parallel_config_checked():
     assert load_config(None, ["train.parallel=fsdp2"]).train.parallel == "fsdp2"
     with pytest.raises(ConfigError, match="train.parallel"):
         load_config(None, ["train.parallel=fsdp"])
-    with pytest.raises(ConfigError, match="fsdp2"):
-        load_config(None, ["train.parallel=fsdp2", "quant.recipe=dqt-int8"])
+    assert load_config(None, ["train.parallel=fsdp2", "quant.recipe=dqt-int8"]).train.parallel == "fsdp2"
+    with pytest.raises(ConfigError, match="fsdp2.*update_in_backward"):  # not by the sharded DQT update yet
+        load_config(None, ["train.parallel=fsdp2", "quant.recipe=dqt-int8", "dqt.update_in_backward=true"])
     with pytest.raises(ConfigError, match="dist_timeout"):
         load_config(None, ["train.dist_timeout=0"])
 

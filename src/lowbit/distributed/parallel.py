@@ -14,6 +14,13 @@ micro-batch: no redundant all-reduce under accumulation), and :func:`wrap_direct
 gradient inside backward before the update-in-backward hook applies it. Every rank then applies the same
 update with the same counter-based stochastic-rounding noise, so the codes stay identical on every rank
 without ever being broadcast (DDP is built with ``broadcast_buffers=False``).
+
+FSDP2 over DQT (:func:`shard_direct_codes`): the 2-D codes of every DQT layer become frozen Parameters
+(``requires_grad=False``, same name, so checkpoints keep their keys) before ``fully_shard``, which shards them on
+dim 0 and all-gathers them as stored (int8 / packed uint8: the mixed-precision policy casts floating
+parameters only). Scales, format words and 1-D codes (norm gains) stay replicated buffers. Each layer records
+its rows (:class:`DirectShard`); :func:`sync_direct_grads` reduce-scatters the full gradients to those rows and
+the DQT optimizer updates only them, drawing the noise of their global element indices.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     if cfg.parallel == "none":
         if world > 1 or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             raise ConfigError(f"launched as {world} processes but train.parallel=\"none\": set train.parallel=ddp "
-                              f"(any recipe) or fsdp2 (QAT recipes)")
+                              f"(any recipe) or fsdp2")
         return DistInfo()
     if not dist.is_available():
         raise ConfigError("train.parallel needs torch.distributed, which this torch build lacks")
@@ -155,6 +162,59 @@ def mp_policy(cfg: TrainConfig, device: torch.device):
     return MixedPrecisionPolicy()
 
 
+@dataclass
+class DirectShard:
+    """The rows [row0, row0 + rows) of a DQT layer's codes this rank holds under FSDP2 (``module.shard``)."""
+
+    codes: nn.Parameter
+    """The sharded codes Parameter (a DTensor, Shard(0)); ``codes.to_local()`` is this rank's (rows, ·) tensor."""
+    row0: int
+    rows: int
+    n_rows: int
+    world_size: int
+
+    def local(self) -> torch.Tensor:
+        return self.codes.to_local()
+
+
+def _shardable(m: nn.Module) -> bool:
+    return len(m.weight_shape) == 2 and isinstance(m.weight_codes, torch.Tensor)
+
+
+def shard_direct_codes(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Before ``fully_shard``: turn the ``weight_codes`` buffer of every 2-D DQT layer into a frozen Parameter of
+    the same name (so FSDP2 shards and all-gathers it; state-dict keys are unchanged). 1-D codes (DQT norm
+    gains) stay replicated buffers. Returns the converted (name, module) pairs."""
+    from lowbit.nn.direct import direct_modules
+
+    done = []
+    for name, m in direct_modules(model):
+        if not _shardable(m) or isinstance(m.weight_codes, nn.Parameter):
+            continue
+        codes = m._buffers.pop("weight_codes")
+        m.register_parameter("weight_codes", nn.Parameter(codes, requires_grad=False))
+        done.append((name, m))
+    return done
+
+
+def _record_shards(mods: list[tuple[str, nn.Module]]) -> None:
+    """After ``fully_shard``: record on each module the rows of its codes this rank holds (FSDP2 chunks dim 0
+    as ``torch.chunk``: ⌈N/world⌉ rows per rank, the last ranks fewer or none)."""
+    for name, m in mods:
+        p = m.weight_codes
+        if not hasattr(p, "to_local"):
+            raise RuntimeError(f"fully_shard left the codes of {name} unsharded ({type(p).__name__})")
+        mesh = p.device_mesh
+        world, rank = mesh.size(), mesh.get_local_rank()
+        n = m.weight_shape[0]
+        c = -(-n // world)
+        row0 = min(rank * c, n)
+        rows = p.to_local().shape[0]
+        if rows != max(0, min(n, row0 + c) - row0):
+            raise RuntimeError(f"{name}: FSDP2 gave this rank {rows} rows of {n}, not torch.chunk's layout")
+        m.shard = DirectShard(p, row0, rows, n, world)
+
+
 def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device) -> nn.Module:
     """Apply activation checkpointing, per-block compile and DDP / FSDP2 to ``model`` (in place where the
     method allows). Returns what the training step calls: the DDP wrapper, or ``model`` itself (FSDP2 and
@@ -168,10 +228,12 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torc
         from torch.distributed.fsdp import fully_shard
 
         mp = mp_policy(cfg, device)
+        sharded = shard_direct_codes(model)  # DQT: the codes themselves are sharded and gathered
         for b in blocks(model):
             # reshard_after_forward: all-gather again in backward, so only one block is ever unsharded
             fully_shard(b, mp_policy=mp, reshard_after_forward=True)
         fully_shard(model, mp_policy=mp)
+        _record_shards(sharded)
         return model
     if cfg.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -212,20 +274,59 @@ def grad_sync(fwd: nn.Module, enabled: bool):
 
 @torch.no_grad()
 def sync_direct_grads(model: nn.Module, info: DistInfo) -> None:
-    """Average every stashed DQT gradient (``weight_grad``) over ranks, as one flat all-reduce."""
+    """Average every stashed DQT gradient (``weight_grad``) over ranks: replicated layers (DDP; 1-D codes
+    under FSDP2) as one flat all-reduce, FSDP2-sharded layers as one flat reduce-scatter that leaves each rank
+    the mean gradient of its own rows only (``module.shard``), ``weight_grad`` then being (rows, K)."""
     if not (info.enabled and info.world_size > 1):
         return
     from lowbit.nn.direct import direct_modules
 
-    grads = [m.weight_grad for _, m in direct_modules(model) if m.weight_grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    mean_over_ranks(flat, info)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    mods = [m for _, m in direct_modules(model) if m.weight_grad is not None]
+    grads = [m.weight_grad for m in mods if getattr(m, "shard", None) is None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        mean_over_ranks(flat, info)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    sharded = [m for m in mods if getattr(m, "shard", None) is not None]
+    if sharded:
+        reduce_scatter_direct_grads(sharded, info.world_size)
+
+
+def reduce_scatter_direct_grads(mods: list[nn.Module], world: int) -> None:
+    """Mean over ranks of the full (N, K) gradients of FSDP2-sharded DQT layers, of which each rank keeps its
+    rows: one ``reduce_scatter_tensor`` of a (world, L) buffer whose r-th row holds every layer's r-th chunk of
+    ⌈N/world⌉ rows (zero-padded), L = Σ ⌈N/world⌉·K. Cost per rank: (world−1)/world · 4·L·world bytes sent,
+    half of an all-reduce's; backends without reduce-scatter fall back to an all-reduce and a slice."""
+    chunks = []
+    for m in mods:
+        k = m.weight_shape[-1]
+        c = -(-m.shard.n_rows // world)
+        chunks.append((m, k, c))
+    total = sum(c * k for _, k, c in chunks)
+    g0 = mods[0].weight_grad
+    buf = torch.zeros(world, total, dtype=torch.float32, device=g0.device)
+    off = 0
+    for m, k, c in chunks:
+        g = m.weight_grad.reshape(-1, k).float()
+        pad = world * c - g.shape[0]
+        if pad:
+            g = torch.nn.functional.pad(g, (0, 0, 0, pad))
+        buf[:, off:off + c * k] = g.reshape(world, c * k)
+        off += c * k
+    out = torch.empty(total, dtype=torch.float32, device=g0.device)
+    try:
+        dist.reduce_scatter_tensor(out, buf.reshape(-1))
+    except (RuntimeError, NotImplementedError):  # a backend without reduce-scatter: all-reduce, keep our rows
+        dist.all_reduce(buf)
+        out.copy_(buf[dist.get_rank()])
+    out.div_(world)
+    off = 0
+    for m, k, c in chunks:
+        m.weight_grad = out[off:off + m.shard.rows * k].view(m.shard.rows, k)
+        off += c * k
 
 
 def wrap_direct_grad_hooks(model: nn.Module, info: DistInfo) -> None:
@@ -281,3 +382,53 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measuring FSDP2's all-gathers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def count_all_gathers():
+    """Record every all-gather FSDP2 issues while the context is open: yields a list that receives
+    ``(modules of the FSDP unit, bytes received by this rank)`` per all-gather, the bytes being the output buffer
+    (world × the rank's flat input, in the dtype that travels: int8/uint8 codes, bf16 or fp32 weights, or the
+    bytes of a mixed-dtype unit). Patches ``torch.distributed.all_gather_single``/``all_gather_into_tensor`` and
+    ``FSDPParamGroup.unshard`` (to know which unit gathers) for the duration; not thread-safe."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    records: list[tuple[tuple[nn.Module, ...], int]] = []
+    current: list[tuple[nn.Module, ...]] = [()]
+    orig_unshard = FSDPParamGroup.unshard
+    names = [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)]
+    origs = {n: getattr(dist, n) for n in names}
+
+    def unshard(self, *args, **kwargs):
+        current[0] = tuple(self.modules)
+        return orig_unshard(self, *args, **kwargs)
+
+    def wrap(name):
+        def gather(output_tensor, input_tensor, *args, **kwargs):
+            records.append((current[0], output_tensor.numel() * output_tensor.element_size()))
+            return origs[name](output_tensor, input_tensor, *args, **kwargs)
+        return gather
+
+    FSDPParamGroup.unshard = unshard
+    for n in names:
+        setattr(dist, n, wrap(n))
+    try:
+        yield records
+    finally:
+        FSDPParamGroup.unshard = orig_unshard
+        for n in names:
+            setattr(dist, n, origs[n])
+
+
+def block_all_gather_bytes(model: nn.Module, step) -> int:
+    """Bytes this rank receives from the all-gathers of the block units (``model.layers``: the block linears,
+    plus their norm gains) during ``step()`` (one forward + backward): measured with :func:`count_all_gathers`."""
+    ids = {id(b) for b in blocks(model)}
+    with count_all_gathers() as rec:
+        step()
+    return sum(nbytes for mods, nbytes in rec if any(id(m) in ids for m in mods))

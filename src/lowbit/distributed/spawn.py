@@ -47,6 +47,47 @@ def train_jobs(rank: int, world: int, jobs: list[dict[str, Any]]) -> None:
         if job.get("codes"):
             from safetensors.torch import save_file
 
+            from lowbit.distributed.parallel import full_value
             from lowbit.nn.direct import direct_modules
 
-            save_file({n: m.weight_codes.contiguous() for n, m in direct_modules(t.model)}, f"{job['codes']}.{rank}")
+            # FSDP2-sharded codes are DTensors: gathered (a collective every rank makes in the same order)
+            codes = {n: full_value(m.weight_codes).detach().contiguous() for n, m in direct_modules(t.model)}
+            save_file(codes, f"{job['codes']}.{rank}")
+
+
+def all_gather_jobs(rank: int, world: int, configs: dict[str, dict[str, Any]], out: str | None = None) -> dict:
+    """For each ``{label: RunConfig.to_dict()}``: build the model, ``fully_shard`` it as ``train.parallel=fsdp2``
+    does but with bf16 all-gathers (``MixedPrecisionPolicy(param_dtype=bf16)``, on any device), run one forward +
+    backward of a random batch and measure the bytes this rank receives from the block units' all-gathers
+    (:func:`lowbit.distributed.parallel.block_all_gather_bytes`). Rank 0 writes ``{label: bytes}`` to ``out``
+    (JSON). DQT codes travel as stored (int8 / packed uint8), float weights as bf16."""
+    import json
+
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from lowbit.config import RunConfig
+    from lowbit.distributed.parallel import _record_shards, block_all_gather_bytes, blocks, shard_direct_codes
+    from lowbit.runs import build_model
+
+    res = {}
+    for label, d in configs.items():
+        cfg = RunConfig.from_dict(d)
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cpu"))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        sharded = shard_direct_codes(model)
+        for b in blocks(model):
+            fully_shard(b, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(model, mp_policy=mp)
+        _record_shards(sharded)
+        x = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len))
+
+        def step(model=model, x=x):
+            model(x, x).backward()
+
+        res[label] = block_all_gather_bytes(model, step)
+    if rank == 0 and out:
+        with open(out, "w") as f:
+            json.dump(res, f)
+    return res

@@ -93,7 +93,10 @@ class DirectModule(nn.Module):
     def codes(self) -> torch.Tensor:
         """The int8 codes, unpacked, of the weight's shape (in the Hadamard domain for QuEST grids)."""
         info = self.weight_spec.info
-        return unpack(self.weight_codes, info.qmin, info.levels, self.weight_shape[-1])
+        stored = self.weight_codes
+        if hasattr(stored, "full_tensor"):  # FSDP2-sharded codes (a DTensor): gathered, a collective
+            stored = stored.full_tensor()
+        return unpack(stored, info.qmin, info.levels, self.weight_shape[-1])
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor, step: torch.Tensor | None = None, *, check: bool = True) -> None:

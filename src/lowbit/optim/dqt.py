@@ -42,6 +42,16 @@ Float parameters (embeddings, lm_head, norms, biases, unless quantized too) are 
 ``param_groups`` (the last group is the DQT one; setting its ``lr`` sets the DQT learning rate), ``state``
 (every tensor of state, for memory accounting), ``state_dict``/``load_state_dict`` and the flat safetensors
 path of :mod:`lowbit.train.checkpoint` (``to_flat``/``from_flat``, keyed by name).
+
+FSDP2-sharded layers (``module.shard``, :func:`lowbit.distributed.parallel.shard_direct_codes`): the update runs
+on this rank's rows [row0, row0 + rows) of the codes (``shard.local()``), with the reduce-scattered gradient of
+those rows and moments of the local shape; the stochastic-rounding noise is drawn at the global indices
+(offset row0·K), so the codes written are the single-process run's. 8-bit states keep their 256-value blocks
+per local shard, which are the global blocks when row0·K is a multiple of 256 (checked: N divisible by the
+world size and (N/world)·K by 256). ``to_flat`` hands the sharded states to DCP as DTensors (Shard(0)), so a
+checkpoint loads at any world size. Not (yet) for sharded layers: the fused kernel (the torch path runs),
+``update_in_backward``, ``adafactor`` (column statistics need every row), and ``scale`` other than "frozen"
+(a re-fit needs the whole tensor) — refused by the config and here.
 """
 
 from __future__ import annotations
@@ -141,6 +151,27 @@ class DirectOptimizer:
         self._bwd_sq: list[torch.Tensor] = []  # squared gradient norms seen in backward this step
         for _, m in self.modules:
             m.grad_hook = self._backward_update if update_in_backward else None
+        self._check_sharded()
+
+    def _check_sharded(self) -> None:
+        """Refuse what the sharded update does not do (module docstring)."""
+        sharded = [(n, m.shard) for n, m in self.modules if getattr(m, "shard", None) is not None]
+        if not sharded:
+            return
+        why = [w for w, bad in (
+            ("dqt.update_in_backward", self.update_in_backward), ("dqt.optimizer=adafactor", self.rule == "adafactor"),
+            (f"dqt.scale={self.scale}", self.scale != "frozen"), ("dqt.fused=on", self.fused is True)) if bad]
+        if why:
+            raise ValueError(f"FSDP2-sharded DQT codes do not support {', '.join(why)} yet (docs/distributed.md)")
+        if self.state_dtype == "8bit":
+            for n, sh in sharded:
+                k = dict(self.modules)[n].weight_shape[-1]
+                if sh.n_rows % sh.world_size or (sh.n_rows // sh.world_size * k) % blockwise.BLOCK:
+                    raise ValueError(
+                        f"dqt.state_dtype=8bit under FSDP2: the {blockwise.BLOCK}-value blocks of {n} "
+                        f"({sh.n_rows}×{k}) would straddle the shards of {sh.world_size} ranks; it needs rows "
+                        f"divisible by the world size and (rows/world)·K divisible by {blockwise.BLOCK} "
+                        f"(use state_dtype fp32/bf16, or another world size)")
 
     @staticmethod
     def _decayed(name: str, m: DirectModule, decay_embeddings: bool) -> bool:
@@ -185,8 +216,21 @@ class DirectOptimizer:
                     self._update(n, m, m.weight_grad)
             for items in fused.values():  # one launch per grid spec and device (usually one for the whole model)
                 self._fused_update(items)
+            self._sum_sharded_flips()
         if self.float_opt is not None:
             self.float_opt.step()
+
+    def _sum_sharded_flips(self) -> None:
+        """FSDP2: each rank counted the flips of its rows; one all-reduce makes ``last_flips`` the tensor's."""
+        mods = [m for _, m in self.modules if getattr(m, "shard", None) is not None and m.last_flips is not None]
+        if not mods or mods[0].shard.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        flips = torch.stack([m.last_flips for m in mods])
+        dist.all_reduce(flips)
+        for m, f in zip(mods, flips.unbind(), strict=True):
+            m.last_flips = f
 
     def _float_grads(self) -> list[torch.Tensor]:
         if self.float_opt is None:
@@ -204,6 +248,8 @@ class DirectOptimizer:
         fg = self._float_grads()
         dev = self.modules[0][1].weight_codes.device
         f_sq = [_sq_norm(g) for g in fg]
+        if not self.update_in_backward and self._any_sharded(fg):
+            return self._clip_sharded(fg, max_norm, dev)
         if not self.update_in_backward:
             grads = fg + [m.weight_grad for _, m in self.modules if m.weight_grad is not None]
             sq = f_sq + [_sq_norm(g) for g in grads[len(fg):]]
@@ -221,6 +267,35 @@ class DirectOptimizer:
         self._bwd_sq = []
         total = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=dev)
         self.prev_norm = total.detach().clone()
+        return total
+
+    def _any_sharded(self, fg: list[torch.Tensor]) -> bool:
+        return any(getattr(m, "shard", None) is not None for _, m in self.modules) or any(
+            hasattr(g, "to_local") for g in fg)
+
+    def _clip_sharded(self, fg: list[torch.Tensor], max_norm: float, dev: torch.device) -> torch.Tensor:
+        """Global-norm clipping when gradients are shards (FSDP2 DTensors, DQT rows): Σ g² of the shards is
+        all-reduced once; replicated gradients (1-D DQT codes) are counted once."""
+        import torch.distributed as dist
+
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in fg]
+        sharded_sq = [_sq_norm(g) for g in local]
+        rep_sq = []
+        dqt = []
+        for _, m in self.modules:
+            if m.weight_grad is None:
+                continue
+            dqt.append(m.weight_grad)
+            (rep_sq if getattr(m, "shard", None) is None else sharded_sq).append(_sq_norm(m.weight_grad))
+        zero = torch.zeros((), device=dev)
+        s = torch.stack(sharded_sq).sum() if sharded_sq else zero.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(s)
+        total = (s + (torch.stack(rep_sq).sum() if rep_sq else zero)).sqrt()
+        if math.isfinite(max_norm) and max_norm > 0:
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for g in local + dqt:
+                g.mul_(coef.to(g.dtype))
         return total
 
     def _clip_coef(self, sq: torch.Tensor, max_norm: float) -> torch.Tensor | None:
@@ -255,6 +330,15 @@ class DirectOptimizer:
             raise KeyError("module is not managed by this optimizer") from None
 
     # ---- the one-tensor update ------------------------------------------------------------------------------
+    @staticmethod
+    def _local(mod: DirectModule) -> tuple[torch.Tensor, int, int]:
+        """(stored codes this rank updates, first global row, rows): the whole tensor, or its FSDP2 shard."""
+        sh = getattr(mod, "shard", None)
+        if sh is None:
+            k = mod.weight_shape[-1]
+            return mod.weight_codes, 0, mod.weight_numel // k
+        return sh.local(), sh.row0, sh.rows
+
     def _chunks(self, rows: int, k: int, device: torch.device, whole: bool) -> list[tuple[int, int]]:
         """Row ranges processed one after another: the float32 scratch is one chunk, not the tensor. 8-bit
         states need chunks of whole 256-value blocks (rows·K a multiple of 256). The result does not depend
@@ -291,7 +375,7 @@ class DirectOptimizer:
         return dec(q, st[key + "_absmax"][b0:b1], ((r1 - r0) * k,)).view(r1 - r0, k)
 
     def _store(self, name: str, st: dict[str, Any], key: str, r0: int, r1: int, k: int, x: torch.Tensor,
-               second: bool = False) -> None:
+               second: bool = False, base: int = 0) -> None:
         if self.state_dtype == "fp32":
             return  # updated in place
         if self.state_dtype == "bf16":
@@ -303,7 +387,7 @@ class DirectOptimizer:
         # pure function of (seed, step, state tensor), so resumed and sharded runs store the same codes
         n_codes = -(-x.numel() // blockwise.BLOCK) * blockwise.BLOCK
         noise = counter_uniform(self.seed, st["step"] + 1, stream_id(f"{name}.{key}"), (n_codes,),
-                                offset=b0 * blockwise.BLOCK, device=x.device)
+                                offset=base + b0 * blockwise.BLOCK, device=x.device)
         q, a = enc(x, noise)
         st[key + "_q"][b0 * blockwise.BLOCK:b0 * blockwise.BLOCK + q.numel()] = q
         st[key + "_absmax"][b0:b0 + a.numel()] = a
@@ -316,17 +400,22 @@ class DirectOptimizer:
         lr, (b1, b2), eps = grp["lr"], grp["betas"], grp["eps"]
         wd = grp["weight_decay"] if self._decays[name] else 0.0
         t = st["step"] + 1
-        shape = mod.weight_shape
-        k = shape[-1]
-        rows = mod.weight_numel // k
-        dev = mod.weight_codes.device
+        k = mod.weight_shape[-1]
+        stored, row0, rows = self._local(mod)  # the whole tensor, or this rank's rows of it (FSDP2)
+        shape = mod.weight_shape if row0 == 0 and rows * k == mod.weight_numel else (rows, k)
+        base = row0 * k  # global index of the first element: the noise is drawn there
+        dev = stored.device
         spec = self._spec(mod)
         info = spec.info
         g_all = grad.reshape(rows, k)
         scale_old = mod.weight_scale
         per_tensor = scale_old.dim() == 0
+        if not per_tensor and base:
+            scale_old = scale_old[row0:row0 + rows]
         recompute = self._recompute(t)
         scale_new = self._new_scale(mod, spec, t)  # None: quantize() re-fits it with the spec's rule
+        if scale_new is mod.weight_scale:
+            scale_new = scale_old  # frozen (the only policy of sharded layers): this rank's rows
         factored = self.rule == "adafactor" and len(shape) == 2
         if factored:  # row/column means of g² need the whole gradient: one pass first
             r = st.setdefault("exp_avg_sq_row", torch.zeros(rows, dtype=torch.float32, device=dev))
@@ -348,7 +437,7 @@ class DirectOptimizer:
             if not factored:
                 self._state_tensor(st, "exp_avg_sq", rows * k, shape, dev, True)
         bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
-        codes_view = mod.weight_codes.view(rows, -1)
+        codes_view = stored.view(rows, -1)
         flips = torch.zeros((), dtype=torch.int64, device=dev)
         steps_out: list[torch.Tensor] = []
         whole = recompute and per_tensor  # a per-tensor re-fit needs the whole updated tensor at once
@@ -364,24 +453,24 @@ class DirectOptimizer:
                 else:
                     buf.mul_(b1).add_(g)
                 w.mul_(1.0 - lr * wd).add_(buf, alpha=-lr)
-                self._store(name, st, "momentum_buffer", r0, r1, k, buf)
+                self._store(name, st, "momentum_buffer", r0, r1, k, buf, base=base)
             else:
                 m = self._moment(st, "exp_avg", r0, r1, k)
                 m.lerp_(g, 1.0 - b1)
-                self._store(name, st, "exp_avg", r0, r1, k, m)
+                self._store(name, st, "exp_avg", r0, r1, k, m, base=base)
                 if factored:
                     v = torch.outer(r[r0:r1], c).div_(r_mean)
                 else:
                     v = self._moment(st, "exp_avg_sq", r0, r1, k, second=True)
                     v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                    self._store(name, st, "exp_avg_sq", r0, r1, k, v, second=True)
+                    self._store(name, st, "exp_avg_sq", r0, r1, k, v, second=True, base=base)
                 scratch = factored or self.state_dtype != "fp32"  # else v is the state itself: no in-place sqrt
                 denom = (v.sqrt_() if scratch else v.sqrt()).div_(math.sqrt(bc2)).add_(eps)
                 w.mul_(1.0 - lr * wd).addcdiv_(m, denom, value=-lr / bc1)
                 del m, v, denom
             del g
             s_new = scale_new if (scale_new is None or per_tensor) else scale_new[r0:r1]
-            codes, step = self._write_back(name, mod, w, spec, s_new, t, r0 * k)
+            codes, step = self._write_back(name, mod, w, spec, s_new, t, base + r0 * k)
             codes_view[r0:r1] = pack(codes, info.qmin, info.levels, check=False)
             if per_tensor:
                 steps_out = [step]
@@ -421,8 +510,8 @@ class DirectOptimizer:
     # ---- the fused (Triton) update ------------------------------------------------------------------------
     def _use_fused(self, name: str, mod: DirectModule) -> bool:
         """Whether this tensor's next update runs in the fused kernel (see the module docstring)."""
-        if self.fused is False or self.rule != "adamw":
-            return False
+        if self.fused is False or self.rule != "adamw" or getattr(mod, "shard", None) is not None:
+            return False  # FSDP2-sharded layers: the torch path (the kernel takes whole tensors)
         ok = self._fused_ok.get(name)
         if ok is None:  # once per tensor: the device, Triton, and whether the kernel takes the tensor
             from lowbit.kernels import dqt_step  # imports no Triton: the kernels are built on first use
@@ -541,7 +630,7 @@ class DirectOptimizer:
             if n not in mods:
                 raise ValueError(f"DQT optimizer state for unknown module {n!r}")
             dev = mods[n].weight_codes.device
-            self.dqt_state[n].update({k: v.to(dev) for k, v in st.items()})
+            self.dqt_state[n].update({k: _as_local(mods[n], k, v).to(dev) for k, v in st.items()})
 
     def to_flat(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """For :func:`lowbit.train.checkpoint.optimizer_to_flat`: tensors keyed ``"dqt.<module>.weight.<key>"``
@@ -552,10 +641,11 @@ class DirectOptimizer:
         meta: dict[str, Any] = {"direct": self._meta(), "float": None}
         if self.float_opt is not None:
             tensors, meta["float"] = optimizer_to_flat(model, self.float_opt)
+        mods = dict(self.modules)
         for n, st in self.dqt_state.items():
             for k, v in st.items():
                 if torch.is_tensor(v):
-                    tensors[f"{FLAT_PREFIX}{n}.weight.{k}"] = v
+                    tensors[f"{FLAT_PREFIX}{n}.weight.{k}"] = _as_global(mods[n], v)
         return tensors, meta
 
     def from_flat(self, model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -581,6 +671,43 @@ class DirectOptimizer:
         return (f"DirectOptimizer(rule={self.rule}, state_dtype={self.state_dtype}, scale={self.scale}, "
                 f"update_in_backward={self.update_in_backward}, fused={self.fused}, {len(self.modules)} DQT tensors, "
                 f"float={type(self.float_opt).__name__})")
+
+
+def _as_global(mod: DirectModule, v: torch.Tensor) -> torch.Tensor:
+    """A sharded layer's state tensor (this rank's rows, dim 0) as a DTensor of the global shape, Shard(0) on
+    the codes' mesh, so DCP saves every rank's part; other tensors unchanged. Row states (rows, K) and (rows,)
+    follow the codes' torch.chunk layout; 8-bit flat codes and absmaxes are even (checked at construction)."""
+    sh = getattr(mod, "shard", None)
+    if sh is None or sh.world_size == 1 or v.dim() == 0:
+        return v
+    from torch.distributed.tensor import DTensor, Shard
+
+    k = mod.weight_shape[-1]
+    if v.shape[0] == sh.rows:  # (rows, K) moments, (rows,) statistics
+        shape = (sh.n_rows, *v.shape[1:])
+    else:  # 8-bit: flat codes / block absmaxes, the same length on every rank
+        shape = (v.shape[0] * sh.world_size,)
+        if sh.rows * k % blockwise.BLOCK or sh.n_rows % sh.world_size:
+            raise ValueError("8-bit DQT states of uneven shards cannot be saved")
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(v, sh.codes.device_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=stride)
+
+
+def _as_local(mod: DirectModule, key: str, v: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor as this rank's part: a DTensor's local shard, or the rows of a full tensor."""
+    if hasattr(v, "to_local"):
+        v = v.full_tensor() if getattr(mod, "shard", None) is None else v.to_local()
+        return v
+    sh = getattr(mod, "shard", None)
+    if sh is None or v.dim() == 0:
+        return v
+    k = mod.weight_shape[-1]
+    if key.endswith("_q"):  # flat 8-bit codes: elements row0·K …
+        return v[sh.row0 * k:(sh.row0 + sh.rows) * k]
+    if key.endswith("_absmax"):
+        return v[sh.row0 * k // blockwise.BLOCK:(sh.row0 + sh.rows) * k // blockwise.BLOCK]
+    return v[sh.row0:sh.row0 + sh.rows]
 
 
 def build_direct_optimizer(model: nn.Module, cfg: Any, device: torch.device, dqt: Any = None) -> DirectOptimizer:

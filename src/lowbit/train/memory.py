@@ -57,8 +57,10 @@ def grad_bytes(model: nn.Module) -> int:
 
 def param_count(model: nn.Module) -> int:
     """Trainable numbers: parameters plus the weights DQT layers hold as codes (buffers, not parameters)."""
-    n = sum(p.numel() for p in model.parameters())
-    return n + sum(m.weight_numel for m in model.modules() if getattr(m, "direct", False))
+    direct = [m for m in model.modules() if getattr(m, "direct", False)]
+    codes = {id(m.weight_codes) for m in direct}  # FSDP2 makes them frozen Parameters: counted as weight_numel
+    n = sum(p.numel() for p in model.parameters() if id(p) not in codes)
+    return n + sum(m.weight_numel for m in direct)
 
 
 def optimizer_bytes(opt: torch.optim.Optimizer | None) -> int:

@@ -131,6 +131,11 @@ class Trainer:
         random.seed(cfg.train.seed)
         self.model = build_model(cfg, self.device, init_weights=self.resume_from is None)
         self.model.train()
+        self.params = param_counts(self.model)  # before wrapping: FSDP2 turns DQT codes into (frozen) Parameters
+        if cfg.is_direct:  # DQT weights are codes (buffers): count them as the parameters they stand for
+            from lowbit.nn.direct import add_direct_param_counts
+
+            self.params = add_direct_param_counts(self.model, self.params)
         if self.dist.enabled:  # before the optimizer: FSDP2 replaces the parameters by their shards
             self.fwd = D.parallelize(self.model, cfg.train, self.dist, self.device)
         self.opt = build_optimizer(self.model, cfg.train, self.device, dqt=cfg.dqt)
@@ -153,11 +158,6 @@ class Trainer:
             self.tokens_seen = 0
         self.logger = (RunLogger(self.out, tensorboard=cfg.train.tensorboard, truncate_after=self.step)
                        if self.dist.is_main else D.parallel.NullLogger())
-        self.params = param_counts(self.model)
-        if cfg.is_direct:  # DQT weights are codes (buffers): count them as the parameters they stand for
-            from lowbit.nn.direct import add_direct_param_counts
-
-            self.params = add_direct_param_counts(self.model, self.params)
 
     def _autocast(self):
         if self.amp_dtype is None:
