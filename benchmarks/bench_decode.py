@@ -13,6 +13,14 @@
    stay bf16 (lm_head alone is 131 MB, which bounds the end-to-end gain). ``bitnet-b1.58`` rows run the
    8-bit activation quantizer in torch before the GEMV (the stopgap of packed_linear_kernel).
 
+3. Prefill (``--only prefill``; lowbit.kernels.packed_prefill): per layer, 4096 tokens × the ``800m`` shapes
+   (K → N = 2048 → 2048, 2048 → 5632, 5632 → 2048): bf16 ``torch.matmul`` vs W4A4 (quest-w4a4: fused Hadamard +
+   activation quantization → FP8 scaled_mm, the quantization included in the time) and BitNet b1.58 (8-bit
+   per-token codes → INT8 scaled_mm), weight operand cached; the W4A4 quantizer and GEMM also alone. Goal: W4A4
+   ≥ 1.6× bf16. End to end: one forward of a 512-token prompt into the KV cache (what ``generate_ids`` prefills),
+   batch 1 and 8, 800m, bf16 autocast, bf16 vs packed quest-w4a4 / bitnet-b1.58 with ``install_all``. Goal:
+   W4A4 ≥ 1.4× at batch 8. CUDA events, median of ``--reps``.
+
 Writes markdown (machine, date, command, tables) to ``--out`` after every section.
 """
 
@@ -109,7 +117,7 @@ def bench_gemv(args, rows: list) -> None:
                 torch.cuda.empty_cache()
 
 
-def _packed_800m(recipe: str | None, weight_only: bool, vocab: int):
+def _packed_800m(recipe: str | None, weight_only: bool, vocab: int, max_seq_len: int = 512):
     """The 800m Llama on the GPU, bf16, random weights; with ``recipe`` its seven projections per block become
     PackedLinear layers of random codes on the recipe's weight grid (act spec dropped when ``weight_only``)."""
     from lowbit.config import ModelConfig
@@ -119,7 +127,7 @@ def _packed_800m(recipe: str | None, weight_only: bool, vocab: int):
     from lowbit.quant.core import scale_shape
     from lowbit.quant.recipes import get_recipe
 
-    cfg = ModelConfig(vocab_size=vocab, max_seq_len=512, **SIZES["800m"])
+    cfg = ModelConfig(size="800m", vocab_size=vocab, max_seq_len=max_seq_len, **SIZES["800m"])
     with torch.device("cuda"):
         model = Llama(cfg).to(torch.bfloat16)
     if recipe is None:
@@ -181,7 +189,150 @@ def bench_e2e(args, rows: list) -> None:
         torch.cuda.empty_cache()
 
 
-def write(args, gemv: list, e2e: list) -> None:
+# ---- prefill (lowbit.kernels.packed_prefill) -----------------------------------------------------------------
+
+PREFILL_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))  # 800m: attention projections, gate/up, down
+PREFILL_GOALS = {"quest-w4a4": 1.6}
+PREFILL_E2E_GOALS = {("quest-w4a4", 8): 1.4}
+
+
+def _time_events(fn, iters: int, reps: int) -> float:
+    """µs per call of ``fn()``, eager, ``iters`` calls between two CUDA events, median of ``reps``."""
+    for _ in range(3):
+        fn()  # warm-up: autotuning, weight-operand cache
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / iters)
+    return sorted(times)[len(times) // 2]
+
+
+def _prefill_layer(recipe: str, n: int, k: int, dev):
+    from lowbit.export.packed import PackedLinear
+    from lowbit.quant.core import scale_shape
+    from lowbit.quant.recipes import get_recipe
+
+    rec = get_recipe(recipe)
+    layer = PackedLinear(k, n, weight_spec=rec.weight, act_spec=rec.act, device=dev)
+    info = layer.weight_spec.info
+    codes = torch.randint(info.qmin, info.qmax + 1, (n, k), device=dev, dtype=torch.int8)
+    layer.set_codes(codes, torch.full(scale_shape(codes.shape, layer.weight_spec), 0.02))
+    return layer
+
+
+def prefill_layer_row(shape: str, tokens: int, variant: str, us: float, flops: float, base: float | None) -> dict:
+    """One per-layer row: µs, TFLOP/s (2·M·N·K, whatever the operand format), speed-up vs bf16, goal."""
+    speedup = None if base is None else base / us
+    goal = PREFILL_GOALS.get(variant)
+    return dict(shape=shape, tokens=tokens, variant=variant, us=us, tflops=flops / us / 1e6, speedup=speedup,
+                goal=goal, met=None if goal is None or speedup is None else speedup >= goal)
+
+
+@torch.inference_mode()
+def bench_prefill_layers(args, rows: list) -> None:
+    from lowbit.kernels import packed_prefill as pp
+    from lowbit.kernels.hadamard_quant import hadamard_quantize
+    from lowbit.kernels.scaled_mm import scaled_mm
+
+    dev = torch.device("cuda")
+    m = args.prefill_tokens
+    for k, n in PREFILL_SHAPES:
+        shape, flops = f"{k}→{n}", 2.0 * m * n * k
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+        base = _time_events(lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out), args.prefill_iters, args.reps)
+        rows.append(prefill_layer_row(shape, m, "bf16", base, flops, base))
+        for recipe in ("quest-w4a4", "bitnet-b1.58"):
+            layer = _prefill_layer(recipe, n, k, dev)
+            assert pp.supports(layer), recipe
+            us = _time_events(lambda layer=layer, x=x: pp.prefill_kernel(layer, x), args.prefill_iters, args.reps)
+            rows.append(prefill_layer_row(shape, m, recipe, us, flops, base))
+            if recipe == "quest-w4a4":  # the two halves alone
+                plan = pp.prefill_plan(layer)
+                cw, sw = pp.prefill_weight(layer, plan["fmt"])
+                cx, sx, _ = hadamard_quantize(x, plan["bits"], plan["block"], out=plan["fmt"])
+                q_us = _time_events(lambda x=x, plan=plan: hadamard_quantize(x, plan["bits"], plan["block"],
+                                                                             out=plan["fmt"]),
+                                    args.prefill_iters, args.reps)
+                g_us = _time_events(lambda cx=cx, cw=cw, sx=sx, sw=sw: scaled_mm(cx, cw, sx, sw),
+                                    args.prefill_iters, args.reps)
+                rows.append(prefill_layer_row(shape, m, "  quantizer only (W4A4)", q_us, 0.0, None))
+                rows.append(prefill_layer_row(shape, m, "  FP8 GEMM only (W4A4)", g_us, flops, base))
+            del layer
+        for r in rows[-5:]:
+            sp = "" if r["speedup"] is None else f"x{r['speedup']:.2f}"
+            print(f"prefill {r['shape']} M={m} {r['variant']:26s} {r['us']:9.1f} us {r['tflops']:7.1f} TFLOP/s {sp}",
+                  flush=True)
+        del x, w, out
+        torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def bench_prefill_e2e(args, rows: list) -> None:
+    from lowbit.generate import KVCache
+    from lowbit.kernels import packed_prefill as pp
+
+    dev = torch.device("cuda")
+    seq = args.prefill_seq
+    base = {}
+    for label, recipe in (("bf16", None), ("quest-w4a4", "quest-w4a4"), ("bitnet-b1.58", "bitnet-b1.58")):
+        if time.monotonic() > args.deadline:
+            print(f"prefill e2e {label}: skipped (time budget)", flush=True)
+            continue
+        model = _packed_800m(recipe, False, args.vocab, max_seq_len=seq + 8)
+        if recipe is not None:
+            pp.install_all(model)
+        for b in (1, 8):
+            prompt = torch.randint(0, args.vocab, (b, seq), device=dev)
+            cache = KVCache.for_model(model, b, seq + 8, dtype=torch.bfloat16, device=dev)
+
+            def fwd(model=model, prompt=prompt, cache=cache):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    model(prompt, cache=cache, pos=0)
+
+            us = _time_events(fwd, 1, args.reps)
+            if recipe is None:
+                base[b] = us
+            speedup = base[b] / us if b in base else None
+            goal = PREFILL_E2E_GOALS.get((label, b))
+            rows.append(dict(model=label, batch=b, seq=seq, ms=us / 1e3, tps=b * seq / us * 1e6, speedup=speedup,
+                             goal=goal, met=None if goal is None or speedup is None else speedup >= goal))
+            print(f"prefill e2e {label} b={b} seq={seq}: {us / 1e3:.2f} ms {b * seq / us * 1e6:.0f} tok/s", flush=True)
+            del cache
+        del model
+        torch.cuda.empty_cache()
+
+
+def prefill_lines(args, layers: list, e2e: list) -> list[str]:
+    """The markdown of the prefill section (pure: no GPU needed)."""
+    def fmt_goal(r):
+        return "" if r["goal"] is None else f"≥ {r['goal']}× {'✓' if r['met'] else '✗'}"
+
+    def fmt_sp(r):
+        return "" if r["speedup"] is None else f"{r['speedup']:.2f}×"
+
+    lines = ["", f"## Prefill GEMM per layer, {args.prefill_tokens} tokens, 800m shapes (quantization included)", "",
+             "| K → N | variant | µs | TFLOP/s | speed-up vs bf16 | goal |", "|---|---|---|---|---|---|"]
+    for r in layers:
+        tf = f"{r['tflops']:.0f}" if r["tflops"] else ""
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['us']:.1f} | {tf} | {fmt_sp(r)} | {fmt_goal(r)} |")
+    lines += ["", f"## End-to-end prefill, 800m (vocab {args.vocab}, random weights), {args.prefill_seq}-token "
+              "prompt into the KV cache, bf16 autocast", "",
+              "| model | batch | ms | tokens/s | speed-up vs bf16 | goal |", "|---|---|---|---|---|---|"]
+    for r in e2e:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']:.2f} | {r['tps']:.0f} | {fmt_sp(r)} | "
+                     f"{fmt_goal(r)} |")
+    return lines
+
+
+def write(args, gemv: list, e2e: list, prefill: tuple[list, list] = ((), ())) -> None:
     import triton
 
     lines = [
@@ -208,11 +359,13 @@ def write(args, gemv: list, e2e: list) -> None:
               "| model | batch | ms / step | tokens/s | speed-up vs bf16 |", "|---|---|---|---|---|"]
     for r in e2e:
         lines.append(f"| {r['model']} | {r['batch']} | {r['ms']:.2f} | {r['tps']:.0f} | {r['speedup']:.2f}× |")
+    if any(prefill):
+        lines += prefill_lines(args, *prefill)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="benchmarks/results/bench_decode.md")
     p.add_argument("--working-set-mb", type=int, default=200)
@@ -223,17 +376,39 @@ def main() -> None:
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--time-budget", type=float, default=220, help="seconds; end-to-end rows past it are skipped")
-    args = p.parse_args()
+    p.add_argument("--only", choices=("all", "decode", "gemv", "e2e", "prefill"), default="all",
+                   help="sections: all (default), decode (GEMV + e2e decode), gemv, e2e, prefill")
+    p.add_argument("--prefill-tokens", type=int, default=4096, help="rows of x in the per-layer prefill rows")
+    p.add_argument("--prefill-seq", type=int, default=512, help="prompt length of the end-to-end prefill rows")
+    p.add_argument("--prefill-iters", type=int, default=10, help="calls per timed per-layer prefill sample")
+    return p
+
+
+def sections(args) -> set[str]:
+    """Which of gemv, e2e, prefill run (``--only``, then ``--skip-gemv``/``--skip-e2e``)."""
+    chosen = {"all": {"gemv", "e2e", "prefill"}, "decode": {"gemv", "e2e"}}.get(args.only, {args.only})
+    skipped = {name for name, skip in (("gemv", args.skip_gemv), ("e2e", args.skip_e2e)) if skip}
+    return chosen - skipped
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode needs a CUDA GPU")
     args.deadline = time.monotonic() + args.time_budget
-    gemv, e2e = [], []
-    if not args.skip_gemv:
+    run = sections(args)
+    gemv, e2e, pf_layers, pf_e2e = [], [], [], []
+    if "gemv" in run:
         bench_gemv(args, gemv)
         write(args, gemv, e2e)
-    if not args.skip_e2e:
+    if "e2e" in run:
         bench_e2e(args, e2e)
-    write(args, gemv, e2e)
+        write(args, gemv, e2e)
+    if "prefill" in run:
+        bench_prefill_layers(args, pf_layers)
+        write(args, gemv, e2e, (pf_layers, pf_e2e))
+        bench_prefill_e2e(args, pf_e2e)
+    write(args, gemv, e2e, (pf_layers, pf_e2e))
     print(Path(args.out).read_text())
 
 

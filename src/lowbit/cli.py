@@ -297,11 +297,12 @@ def cmd_generate(args) -> int:
         model, meta = load_packed(src, device)
         amp = torch.bfloat16 if device.type == "cuda" else None
         if device.type == "cuda" and args.kernels:
-            from lowbit.kernels import lowbit_gemv
+            from lowbit.kernels import lowbit_gemv, packed_prefill
 
             if lowbit_gemv.has_triton():
-                n = lowbit_gemv.install(model)
-                print(f"decode kernels: {n} packed layers use the Triton GEMV", file=sys.stderr)
+                n = packed_prefill.install_all(model)
+                print(f"kernels: {n['gemv']} packed layers decode on the Triton GEMV, {n['prefill']} prefill on "
+                      f"the FP8/INT8 GEMM", file=sys.stderr)
         tok_src = args.tokenizer or (src / meta["tokenizer"] if meta.get("tokenizer") else None)
         if tok_src is None:
             raise ConfigError(f"{src} holds no tokenizer; pass --tokenizer FILE_OR_DATASET_DIR")

@@ -7,6 +7,7 @@
     bitnet_linear    BitNet b1.58 / DQT integer-grid linear: exact INT8 scaled_mm forward, STE backward
     dqt_step         fused stochastic-rounding AdamW step over DQT's integer codes (all tensors, one launch)
     lowbit_gemv      decode GEMV / small-batch GEMM straight from packed W1.58/W2/W4/W8 codes (PackedLinear.kernel)
+    packed_prefill   prefill of packed layers: activations quantized on the fly + FP8/INT8 scaled_mm; install_all
 
 Importing this package imports nothing else: the names below load their module on first access (PEP 562), and
 the modules import Triton only when a kernel first runs.
@@ -37,6 +38,8 @@ _LAZY = {
     "lowbit_gemv": "lowbit_gemv",
     "lowbit_gemv_ref": "lowbit_gemv",
     "packed_linear_kernel": "lowbit_gemv",
+    "prefill_kernel": "packed_prefill",
+    "install_all": "packed_prefill",
 }
 
 __all__ = sorted(_LAZY)
