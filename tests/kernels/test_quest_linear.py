@@ -11,6 +11,7 @@ from lowbit.kernels import scaled_mm as sm
 from lowbit.kernels.quest_linear import code_format, quest_linear, quest_linear_args
 from lowbit.nn.convert import quantize_
 from lowbit.nn.linear import QuantLinear
+from lowbit.quant import fake_quantize
 from lowbit.quant.recipes import get_recipe, list_recipes, quest_spec
 
 FP8 = torch.float8_e4m3fn
@@ -155,6 +156,43 @@ def test_compiles():
     y0, dx0, dw0, _ = run(layer, x, g, lambda t: quest_linear(t, layer.weight, 4, 4, layer.bias))
     y, dx, dw, _ = run(layer, x, g, f)
     assert torch.equal(y, y0) and torch.equal(dx, dx0) and torch.equal(dw, dw0)
+
+
+@pytest.mark.parametrize("bits_w,bits_a", [(4, 4), (2, 2), (1.58, 1.58), (8, 8), (4, 8)])
+def test_stats_are_fake_quantize_masked_fractions_exactly(bits_w, bits_a):
+    # the op counts the bits of the trust masks it computes anyway: fake_quantize's "masked" of x and of W, to
+    # the last bit (the same masks; a popcount sum is exact and dividing by 8 is too)
+    layer = quest_layer(bits_w, bits_a)
+    x = torch.randn(3, 37, 256)
+    ref_x, ref_w = {}, {}
+    fake_quantize(x, layer.act_spec, stats=ref_x, rotated=True)
+    fake_quantize(layer.weight, layer.weight_spec, stats=ref_w, rotated=True)
+    stats = {}
+    y = quest_linear(x.requires_grad_(True), layer.weight, bits_w, bits_a, layer.bias, stats=stats)
+    assert stats.keys() == {"masked", "weight_masked"}
+    for got, ref in ((stats["masked"], ref_x["masked"]), (stats["weight_masked"], ref_w["masked"])):
+        assert got.dim() == 0 and got.dtype == torch.float32 and not got.requires_grad
+        assert torch.equal(got, ref) and 0 < got.item() < 0.5
+    y.sum().backward()  # the masks are extra, non-differentiable outputs: the gradient is unchanged
+    assert x.grad is not None
+
+
+def test_stats_compile_without_graph_breaks():
+    # the masks are outputs of the autograd op, so the statistics are graph outputs (no side effect, no break)
+    layer = quest_layer(4, 4)
+    x = torch.randn(37, 256)
+
+    def f(t):
+        st = {}
+        return quest_linear(t, layer.weight, 4, 4, layer.bias, stats=st), st["masked"], st["weight_masked"]
+
+    assert torch._dynamo.explain(f)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    eager = f(x)
+    comp = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    for a, b in zip(comp, eager, strict=True):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,3 +49,33 @@ def test_spec_alpha_options() -> None:
     assert QuantSpec(4, "centered", "rms", alpha="reference").alpha_value == 2.51393
     assert QuantSpec(4, "centered", "rms", alpha=3.0).alpha_value == 3.0
     assert QuantSpec(1.58, "ternary", "rms", alpha="reference").alpha_value == 1.22401
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_optimal_alpha_is_a_constant_under_torch_compile(bits):
+    # dynamo would trace the NumPy search into tensor ops and fail on it (a graph break; an error with
+    # fullgraph=True): optimal_alpha is assume_constant_result, so fake_quantize with alpha="optimal" compiles
+    # whole, also on a cold cache, to the value eager gives
+    import torch
+
+    from lowbit.quant import fake_quantize, gaussian
+    from lowbit.quant.recipes import quest_spec
+
+    gaussian._optimal_alpha.cache_clear()
+    torch._dynamo.reset()
+    spec = quest_spec(bits)
+    assert spec.alpha == "optimal"
+    x = torch.randn(6, 256)
+    for s in (spec, spec.replace(hadamard=False)):
+        f = lambda t, s=s: fake_quantize(t, s, rotated=True)  # noqa: E731
+        assert torch._dynamo.explain(f)(x).graph_break_count == 0
+        xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ye = f(xe)
+        yc = torch.compile(f, backend="aot_eager", fullgraph=True)(xc)
+        assert torch.equal(yc, ye)
+        g = torch.randn_like(ye)
+        ye.backward(g)
+        yc.backward(g)
+        assert torch.equal(xc.grad, xe.grad)
+    torch._dynamo.reset()
+    assert optimal_alpha(n_levels(bits)) == gaussian._optimal_alpha(n_levels(bits))

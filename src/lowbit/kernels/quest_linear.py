@@ -29,6 +29,13 @@ per row (a relative error of up to 2⁻⁴ per element; codes of ≤ 4 bits only
 **Memory**: the op saves the codes (1 byte per value in FP8/INT8), the per-row steps and the bit-packed masks
 (1/8 byte per value) of both operands — not a bf16 copy of x or W (except at 8 bits, where the rotated values
 themselves are kept, in the output dtype).
+
+**Statistics** (``stats=``): the masked fractions of the trust masks the forward computes anyway — the share of
+x's (``masked``) and W's (``weight_masked``) entries whose gradient the trust estimator zeroes, exactly what
+``fake_quantize(..., stats=)`` reports as ``masked``. The op returns its packed masks as extra
+(non-differentiable) outputs, so under torch.compile they are graph outputs, not a side effect, and
+:func:`lowbit.kernels.hadamard_quant.masked_fraction` counts their bits without unpacking: 0-dim tensors, no
+host sync.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.scaled_mm import scaled_mm
+from lowbit.quant.core import Stats
 from lowbit.quant.grids import n_levels
 from lowbit.quant.recipes import quest_spec
 from lowbit.quant.spec import QuantSpec
@@ -123,7 +131,9 @@ def _fp8_gemm_tn(g: torch.Tensor, codes: torch.Tensor, out_dtype: torch.dtype, b
 
 
 class QuestLinearFunction(torch.autograd.Function):
-    """The autograd op behind :func:`quest_linear` (module docstring). Arguments after ``bias`` are options."""
+    """The autograd op behind :func:`quest_linear` (module docstring). Arguments after ``bias`` are options.
+    Returns (y, M_x, M_w): the output and the packed trust masks of x (rows of x flattened to 2-D) and W, which
+    are non-differentiable (the statistics of ``quest_linear(stats=)``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, bits_w, bits_a, backward, block, trust, alpha, gemm_backend, quant_backend):
@@ -156,10 +166,14 @@ class QuestLinearFunction(torch.autograd.Function):
         )
         ctx.b_dtype = None if bias is None else bias.dtype
         ctx.x_dtype, ctx.w_dtype, ctx.lead = x.dtype, weight.dtype, lead
-        return y.reshape(*lead, weight.shape[0])
+        ctx.mark_non_differentiable(mx, mw)
+        ctx.set_materialize_grads(False)  # no zero gradients for the masks
+        return y.reshape(*lead, weight.shape[0]), mx, mw
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_mx=None, _grad_mw=None):
+        if grad_out is None:
+            return (None,) * 11
         cx, sx, mx, cw, sw, mw = ctx.saved_tensors
         hq = _hq()
         n = cw.shape[0]
@@ -204,6 +218,7 @@ def quest_linear(
     alpha: str | float = "optimal",
     gemm_backend: str = "auto",
     quant_backend: str = "auto",
+    stats: Stats | None = None,
 ) -> torch.Tensor:
     """QuEST linear layer: x (…, K) · Q(W)ᵀ with both operands quantized in the block-Hadamard domain (module
     docstring). Equals ``QuantLinear`` with the ``quest-w{bits_w}a{bits_a}`` recipe in value and gradient.
@@ -212,13 +227,21 @@ def quest_linear(
     output gradient's dtype) or "fp8" (≤ 4-bit grids). ``block``: Hadamard block (K must be a multiple).
     ``trust``/``alpha``: as in ``QuantSpec`` (None = half a step; 'optimal' | 'reference' | a number).
     ``gemm_backend``: scaled_mm's (auto | triton | torch | ref); ``quant_backend``: hadamard_quantize's
-    (auto | triton | ref). Output dtype: the autocast dtype when autocast is on, else x's."""
+    (auto | triton | ref). ``stats``: if given, filled with ``masked`` (fraction of x's entries whose gradient
+    the trust mask zeroes — ``fake_quantize``'s statistic for the input, exactly) and ``weight_masked`` (the
+    same for W): 0-dim float32 tensors counted from the packed masks, no grad, no host sync. Output dtype: the
+    autocast dtype when autocast is on, else x's."""
     if backward not in BACKWARDS:
         raise ValueError(f"quest_linear: backward must be one of {BACKWARDS}, got {backward!r}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(
             f"quest_linear: weight must be (N, K) with K = x.shape[-1] = {x.shape[-1]}, got {tuple(weight.shape)}"
         )
-    return QuestLinearFunction.apply(
+    y, mx, mw = QuestLinearFunction.apply(
         x, weight, bias, float(bits_w), float(bits_a), backward, block, trust, alpha, gemm_backend, quant_backend
     )
+    if stats is not None:
+        hq = _hq()
+        stats["masked"] = hq.masked_fraction(mx)
+        stats["weight_masked"] = hq.masked_fraction(mw)
+    return y

@@ -35,7 +35,8 @@ from lowbit.quant.core import Stats
 #: Values of ``quant.kernels`` / ``QuantLinear.kernels``: auto (the fused kernels where they apply and can run:
 #: CUDA, Hopper, Triton), on (required where the recipe has a kernel: an error where it cannot run), off.
 KERNEL_MODES = ("auto", "on", "off")
-#: Rows of the input whose quantization statistics a kernel-path forward records (a strided sample).
+#: Rows of the input whose signal and noise (the SNR) a QuEST kernel-path forward records (a strided sample; its
+#: masked fraction is exact, from the kernel's masks).
 STATS_ROWS = 64
 
 
@@ -166,10 +167,14 @@ class QuantLinear(nn.Linear):
         if kind == "quest":
             from lowbit.kernels.quest_linear import quest_linear
 
-            if self.track_stats:  # the op keeps its masks to itself: statistics of a sample of rows
-                self.last_stats = _sample_stats(x, self._fq_act, rotated=True)  # type: ignore[arg-type]
-            return quest_linear(x, self.weight, bias=self.bias, gemm_backend=self.gemm_backend,
-                                quant_backend=self.quant_backend, **args)
+            # the masked fraction is exact (counted from the op's own trust masks); the op computes no Σ(Q(x) − x)²,
+            # so signal and noise (the SNR) come from a strided sample of rows
+            qstats = _sample_stats(x, self._fq_act, rotated=True) if self.track_stats else None  # type: ignore[arg-type]
+            y = quest_linear(x, self.weight, bias=self.bias, gemm_backend=self.gemm_backend,
+                             quant_backend=self.quant_backend, stats=qstats, **args)
+            if qstats is not None:
+                self.last_stats = qstats
+            return y
         from lowbit.kernels.bitnet_linear import bitnet_linear
 
         stats: Stats | None = {} if self.track_stats else None
@@ -290,7 +295,8 @@ def _numeric_alpha(spec: QuantSpec | None) -> QuantSpec | None:
 @torch.no_grad()
 def _sample_stats(x: torch.Tensor, spec: QuantSpec, rotated: bool) -> Stats:
     """``fake_quantize``'s statistics (masked, signal, noise) of up to :data:`STATS_ROWS` rows of x spread
-    evenly over it: an estimate of the ratios (masked fraction, SNR) for a forward that computes them nowhere."""
+    evenly over it: an estimate of the ratios (masked fraction, SNR) for a forward that does not compute them
+    (the QuEST kernel path then overwrites ``masked`` with the exact fraction of its masks)."""
     x2 = x.detach().reshape(-1, x.shape[-1])
     stride = max(1, x2.shape[0] // STATS_ROWS)
     stats: Stats = {}

@@ -10,6 +10,12 @@ nodes are exact to float64 rounding and, unlike the closed form, do not cancel c
 outermost cell [b, ∞) uses the closed form ∫_b^∞ (z−c)²φ = (1+c²)·Q(b) + (b − 2c)·φ(b), Q(b) = ½erfc(b/√2).
 α is then found by golden-section search in float64 (MSE is unimodal in α). Everything is computed on first
 use and cached; nothing runs at import.
+
+Under ``torch.compile`` α is a constant: :func:`optimal_alpha` is marked ``torch.compiler.assume_constant_result``,
+so dynamo calls it (cached) instead of tracing the NumPy search — which it would otherwise turn into tensor
+ops and then fail on (a graph break, or an error under ``fullgraph=True``). ``alpha="optimal"`` therefore
+compiles to the same number the eager path uses, in ``fake_quantize`` (QuantLinear, DirectQuantLinear) and
+everywhere else.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import functools
 import math
 
 import numpy as np
+import torch
 
 #: α_b of the QuEST reference code, by number of levels (METHODS.md §4, first row). Its optimiser stopped a
 #: little short for 6–8 bits; offered as ``QuantSpec(alpha="reference")`` for bit-exact comparisons.
@@ -54,9 +61,16 @@ def gaussian_mse(alpha: float, levels: int) -> float:
     return 2.0 * (bounded + tail)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a constant for torch.compile (module docstring): called, not traced
 def optimal_alpha(levels: int) -> float:
-    """The α minimising :func:`gaussian_mse` for ``levels`` points (golden-section search, float64)."""
+    """The α minimising :func:`gaussian_mse` for ``levels`` points (golden-section search, float64; cached)."""
+    # the mark sits on this plain function: dynamo looks through a functools.cache wrapper (and its marks) to
+    # trace the wrapped function
+    return _optimal_alpha(levels)
+
+
+@functools.cache
+def _optimal_alpha(levels: int) -> float:
     lo, hi = 1e-3, 3.0 + math.log2(levels)  # optimum grows ~√(2 ln n); this bracket covers n ≤ 2^16
     invphi = (math.sqrt(5.0) - 1.0) / 2.0
     x1, x2 = hi - invphi * (hi - lo), lo + invphi * (hi - lo)
