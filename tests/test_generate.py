@@ -12,7 +12,9 @@ from lowbit.generate import (
     TextStreamer,
     encode_prompt,
     generate,
+    generate_batch,
     generate_ids,
+    generate_ids_batch,
     sample,
     top_k_filter,
     top_p_filter,
@@ -203,3 +205,68 @@ def test_generate_text():
     assert encode_prompt(tok, "") == [tok.eos_id]
     assert list(generate(model, tok, "", 3, temperature=0.9, seed=1)) == list(
         generate(model, tok, "", 3, temperature=0.9, seed=1))
+
+
+# ---- batched generation ------------------------------------------------------------------------------------
+
+
+def test_batch_of_identical_prompts_greedy_rows_are_identical():
+    model = tiny()
+    rows = generate_ids_batch(model, [[5, 17, 250]] * 3, 10, temperature=0)
+    assert rows[0] == rows[1] == rows[2] == list(generate_ids(model, [5, 17, 250], 10, temperature=0))
+
+
+def test_batched_greedy_equals_each_prompt_alone():
+    model = tiny("quest-w4a4")
+    prompts = [[5, 17, 250, 3], [9, 9, 1, 44], [120, 7, 8, 2]]  # equal lengths: no padding, no mask
+    assert generate_ids_batch(model, prompts, 12, temperature=0) == [
+        list(generate_ids(model, p, 12, temperature=0)) for p in prompts]
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    model = tiny()
+    prompts = [[5, 17, 250, 3, 8, 9, 10], [9, 9], [120, 7, 8, 2]]
+    steps = []
+    rows = generate_ids_batch(model, prompts, 10, temperature=0, on_logits=steps.append)
+    for b, p in enumerate(prompts):
+        alone = []
+        assert rows[b] == list(generate_ids(model, p, 10, temperature=0, on_logits=alone.append))
+        for i, s in enumerate(alone):  # RoPE is relative: shifted positions give the same logits
+            torch.testing.assert_close(steps[i][b], s[0], rtol=1e-4, atol=1e-4)
+    # the CUDA-graph form of the step (0-d position tensor, whole buffer under the mask) agrees with padding too
+    x = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a, b = KVCache.for_model(model, 2, 8), KVCache.for_model(model, 2, 8)
+        a.set_left_padding([2, 0])
+        b.set_left_padding([2, 0])
+        model(x[:, :3], cache=a, pos=0)
+        model(x[:, :3], cache=b, pos=0)
+        for p in (3, 4):
+            torch.testing.assert_close(model(x[:, p:p + 1], cache=a, pos=p),
+                                       model(x[:, p:p + 1], cache=b, pos=torch.tensor(p)), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_sampling_is_seeded_and_stops_rows_at_eos():
+    model = tiny(max_seq_len=16)
+    run = lambda seed: generate_ids_batch(model, [[1, 2, 3]] * 4, 20, temperature=1.0, top_k=0, top_p=1.0,
+                                          seed=seed)
+    a = run(0)
+    assert a == run(0) and a != run(1)
+    assert all(len(r) == 13 for r in a)  # capped at max_seq_len
+    assert len({tuple(r) for r in a}) > 1  # the rows are different samples
+    greedy = generate_ids_batch(model, [[1, 2, 3], [4, 5, 6]], 10, temperature=0)
+    eos = greedy[0][2]
+    stopped = generate_ids_batch(model, [[1, 2, 3], [4, 5, 6]], 10, temperature=0, eos_id=eos)
+    for g, s in zip(greedy, stopped, strict=True):
+        assert s == (g[:g.index(eos) + 1] if eos in g else g)
+    with pytest.raises(ValueError, match="no room"):
+        generate_ids_batch(model, [[1], list(range(16))], 5)
+    assert generate_ids_batch(model, [], 5) == []
+
+
+def test_generate_batch_text():
+    model = tiny(vocab_size=257)
+    tok = ByteTok()
+    texts = generate_batch(model, tok, ["hi", "hello there", "hi"], 12, temperature=0)
+    assert texts[0] == texts[2] == "".join(generate(model, tok, "hi", 12, temperature=0))
+    assert texts[1] == "".join(generate(model, tok, "hello there", 12, temperature=0))

@@ -11,6 +11,9 @@
     lowbit convert RUN --to ternary                                    ternary inference from an (8-bit DQT) run
     lowbit convert RUN --to packed [--ternary-format base3]            packed low-bit inference file
     lowbit generate RUN_OR_PACKED --prompt "..." [--temperature 0]     stream a continuation
+    lowbit generate RUN_OR_PACKED --prompt "..." --num-samples 4       4 samples in one batched decode
+    lowbit generate RUN_OR_PACKED --prompt-file prompts.txt            one prompt per line, batched
+    lowbit chat RUN_OR_PACKED                                          interactive chat (stdin lines)
     lowbit export RUN --format hf|hf-bitnet|gguf [--out DIR]           Hugging Face / GGUF export
     lowbit train --init hf:PATH ...                                    start from a Hugging Face Llama checkpoint
     lowbit train --nproc N ... train.parallel=ddp|fsdp2                N processes (= torchrun -m lowbit.cli train)
@@ -272,11 +275,12 @@ def _convert_packed(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def _load_for_inference(args):
+    """(model, tokenizer, device, autocast dtype) of ``args.model`` — a run directory or a packed model — for
+    ``generate`` and ``chat``."""
     import torch
 
     from lowbit.config import ConfigError
-    from lowbit.generate import generate
     from lowbit.runs import resolve_device
 
     device = resolve_device(args.device)
@@ -309,20 +313,66 @@ def cmd_generate(args) -> int:
     tok = _load_any_tokenizer(tok_src)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")
+    return model, tok, device, amp
+
+
+def cmd_generate(args) -> int:
+    from lowbit.config import ConfigError
+    from lowbit.generate import generate, generate_batch
+
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ConfigError("--num-samples and --batch-size must be ≥ 1")
+    if args.prompt_file is not None and args.prompt is not None:
+        raise ConfigError("--prompt and --prompt-file exclude each other")
+    prompts = None
+    if args.prompt_file is not None:  # one prompt per non-blank line
+        prompts = [ln for ln in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not prompts:
+            raise ConfigError(f"{args.prompt_file} holds no prompt (one per line)")
+    model, tok, device, amp = _load_for_inference(args)
     cuda_graphs = device.type == "cuda" if args.cuda_graphs is None else args.cuda_graphs
-    if args.prompt is None and not sys.stdin.isatty():
+    if prompts is None and args.prompt is None and not sys.stdin.isatty():
         args.prompt = sys.stdin.read()
+    opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, device=device, amp_dtype=amp,
+                cuda_graphs=cuda_graphs)
     try:
-        pieces = generate(model, tok, args.prompt or "", args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=device, amp_dtype=amp,
-                          cuda_graphs=cuda_graphs)
-        if args.echo:
-            print(args.prompt or "", end="", flush=True)
-        for piece in pieces:
-            print(piece, end="", flush=True)
+        if prompts is None and args.num_samples == 1:  # one continuation, streamed
+            pieces = generate(model, tok, args.prompt or "", args.max_new_tokens, seed=args.seed, **opts)
+            if args.echo:
+                print(args.prompt or "", end="", flush=True)
+            for piece in pieces:
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        # batched: every (prompt, sample) row, --batch-size rows per decode; batch k is seeded with seed + k
+        jobs = [(i, j, p) for i, p in enumerate(prompts or [args.prompt or ""]) for j in range(args.num_samples)]
+        bs = args.batch_size
+        for k in range(0, len(jobs), bs):
+            chunk = jobs[k:k + bs]
+            texts = generate_batch(model, tok, [p for _, _, p in chunk], args.max_new_tokens,
+                                   seed=None if args.seed is None else args.seed + k // bs, **opts)
+            for (i, j, p), text in zip(chunk, texts, strict=True):
+                if prompts is None:
+                    head = f"sample {j + 1}"
+                else:
+                    head = f"prompt {i + 1}" + (f", sample {j + 1}" if args.num_samples > 1 else "")
+                print(f"--- {head} ---")
+                print((p if args.echo else "") + text, flush=True)
     except ValueError as e:  # prompt too long, bad sampling option
         raise ConfigError(str(e)) from None
-    print()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lowbit.chat import ChatSession, run_chat
+
+    model, tok, device, amp = _load_for_inference(args)
+    session = ChatSession(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=device, amp_dtype=amp)
+    if sys.stdin.isatty():
+        print(f"chat with {args.model} (max_seq_len {model.cfg.max_seq_len}; a base LM continuing 'User: …' / "
+              f"'Assistant:' text). /reset, /temp X, /exit or Ctrl-D.", file=sys.stderr)
+    run_chat(session, sys.stdin, sys.stdout, prompt="> " if sys.stdin.isatty() else None)
     return 0
 
 
@@ -481,7 +531,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the decode step as a CUDA graph (default: on when running on CUDA)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    g.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="N continuations of the prompt in one batched decode, each after '--- sample i ---' "
+                   "(streamed only when N = 1)")
+    g.add_argument("--prompt-file", metavar="FILE", help="one prompt per line, generated in batches (left-padded); "
+                   "each printed after '--- prompt i ---'")
+    g.add_argument("--batch-size", type=int, default=8, help="rows per batched decode (--num-samples, "
+                   "--prompt-file)")
     g.set_defaults(fn=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat with a run or packed model (base LM: plain 'User: …' / "
+                        "'Assistant:' text; KV cache reused between turns)")
+    ch.add_argument("model", metavar="RUN_OR_PACKED_DIR")
+    ch.add_argument("--max-new-tokens", type=int, default=128, help="longest reply")
+    ch.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (/temp X changes it)")
+    ch.add_argument("--top-k", type=int, default=50, help="0 = off")
+    ch.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--device", default="auto")
+    ch.add_argument("--tokenizer", help="tokenizer file or prepared dataset directory")
+    ch.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                    help="on CUDA, run the packed layers' matmuls with the Triton low-bit kernels")
+    ch.set_defaults(fn=cmd_chat)
 
     sw = sub.add_parser("sweep", help="run an experiment grid (sizes × recipes × tokens) from one TOML file; "
                         "finished runs are skipped, interrupted ones resume")

@@ -22,6 +22,10 @@ token alone may end in U+FFFD. Text is decoded over a small window of the last t
 context before it, which also keeps SentencePiece's leading spaces) and released only when it does not end in a
 partial character; the rest is flushed at the end.
 
+**Batches** (:func:`generate_ids_batch`, :func:`generate_batch`): several prompts in one prefill + decode loop;
+unequal lengths are left-padded and the padding keys masked (:meth:`KVCache.set_left_padding`). The chat loop
+(reusing one cache across turns) is :mod:`lowbit.chat`.
+
 Quantized models run as they were trained: a run directory's fake-quant model (``QuantLinear`` /
 ``DirectQuantLinear``) or a packed model (:mod:`lowbit.export.packed`), both through torch on CPU or GPU.
 """
@@ -66,6 +70,18 @@ class KVCache:
         self._key_pos = torch.arange(max_len, device=device)  # (L,)
         self.positions = self._key_pos[:0]
         self.visible, self.mask, self.causal = 0, None, False
+        self.key_valid: torch.Tensor | None = None  # (B, L) bool: False at left padding (see set_left_padding)
+
+    def set_left_padding(self, pad: Sequence[int]) -> None:
+        """Row b's first ``pad[b]`` positions are padding: no query of that row attends to them (a padding
+        query attends to itself only, so that no row of the attention is empty). All zeros: no masking."""
+        if len(pad) != self.batch:
+            raise ValueError(f"{len(pad)} padding lengths for a batch of {self.batch}")
+        if not any(pad):
+            self.key_valid = None
+            return
+        pad_t = torch.tensor([int(p) for p in pad], device=self._key_pos.device)
+        self.key_valid = self._key_pos[None, :] >= pad_t[:, None]
 
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int, dtype: torch.dtype | None = None,
@@ -88,6 +104,7 @@ class KVCache:
             self.visible = self.max_len
             self.mask = self._key_pos[None, :] <= self.positions[:, None]  # (t, L): key ≤ query position
             self.causal = False
+            self._pad_mask(self.max_len)
             return self.positions
         end = pos + t
         limit = min(self.max_len, max_seq_len or self.max_len)
@@ -102,9 +119,21 @@ class KVCache:
             self.mask, self.causal = None, False
         else:  # a chunk after a cached prefix
             self.mask, self.causal = self._key_pos[None, :end] <= self.positions[:, None], False
+        self._pad_mask(end)
         return self.positions
 
+    def _pad_mask(self, n: int) -> None:
+        """With left padding: the (t, n) causal mask becomes (B, 1, t, n), padding keys hidden."""
+        if self.key_valid is None:
+            return
+        keys = self._key_pos[:n]
+        causal = self.mask if self.mask is not None else keys[None, :] <= self.positions[:, None]
+        own = keys[None, :] == self.positions[:, None]  # (t, n)
+        self.mask = (causal & (self.key_valid[:, None, :n] | own))[:, None]
+        self.causal = False
+
     def reset(self) -> None:
+        self.key_valid = None
         for layer in self.layers:
             layer.k.zero_()
             layer.v.zero_()
@@ -273,6 +302,88 @@ def generate_ids(
         pos += 1
 
 
+@torch.inference_mode()
+def generate_ids_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int | None = 0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    cuda_graphs: bool = False,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """Continue several prompts in one batched decode; returns each row's new ids (up to ``max_new_tokens``,
+    cut after ``eos_id``, which is kept). Options as :func:`generate_ids`; ``on_logits`` gets (B, V).
+
+    Prompts of unequal length are **left-padded** to the longest (``pad_id``; the cache hides padding keys from
+    every query, :meth:`KVCache.set_left_padding`). A padded row's tokens then sit at absolute positions shifted
+    by its padding; RoPE attention depends only on relative positions, so its logits equal the unpadded run's up
+    to float rounding. Prompts of equal length run with no mask at all. The longest prompt + new tokens is capped
+    at ``model.max_seq_len``. Rows draw from one generator seeded with ``seed``: the batch is deterministic, but
+    row i is not the single-prompt run with some seed (greedy rows are: the argmax chain of each prompt)."""
+    cfg = model.cfg
+    rows = [[int(i) for i in p] for p in prompts]
+    if not rows:
+        return []
+    if any(not r for r in rows):
+        raise ValueError("generation needs at least one prompt token in every prompt")
+    longest = max(len(r) for r in rows)
+    if longest >= cfg.max_seq_len:
+        raise ValueError(f"a prompt has {longest} tokens; model.max_seq_len={cfg.max_seq_len} leaves no room "
+                         f"to generate (shorten the prompt)")
+    n_new = min(max_new_tokens, cfg.max_seq_len - longest)
+    out: list[list[int]] = [[] for _ in rows]
+    if n_new <= 0:
+        return out
+    B = len(rows)
+    ref = _float_tensor(model)
+    dev = torch.device(device) if device is not None else (ref.device if ref is not None else torch.device("cpu"))
+    model.eval()
+    cache_dtype = amp_dtype or (ref.dtype if ref is not None else torch.float32)
+    cache = KVCache.for_model(model, B, longest + n_new, dtype=cache_dtype, device=dev)
+    pads = [longest - len(r) for r in rows]
+    cache.set_left_padding(pads)
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if on_logits is not None:
+            on_logits(logits)
+        return sample(logits, temperature, top_k, top_p, gen)
+
+    idx = torch.tensor([[pad_id] * p + r for p, r in zip(pads, rows, strict=True)], dtype=torch.long, device=dev)
+    with _autocast(dev, amp_dtype):
+        logits = model(idx, cache=cache, pos=0)[:, -1]  # prefill
+    tok = pick(logits)
+    pos = longest
+    step = None
+    if cuda_graphs and dev.type == "cuda" and n_new > 1:
+        step = _GraphedStep(model, cache, B, pos, dev, amp_dtype)
+    done = [False] * B
+    for i in range(n_new):
+        for b, t in enumerate(tok.tolist()):
+            if not done[b]:
+                out[b].append(t)
+                done[b] = eos_id is not None and t == eos_id
+        if all(done) or i == n_new - 1:
+            break
+        if step is not None:
+            logits = step(tok, pos)
+        else:
+            with _autocast(dev, amp_dtype):
+                logits = model(tok.view(B, 1), cache=cache, pos=pos)[:, -1]
+        tok = pick(logits)
+        pos += 1
+    return out
+
+
 class TextStreamer:
     """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character (see the module
     docstring). ``push(id)`` returns the text that became final ("" while a character is incomplete);
@@ -346,5 +457,38 @@ def generate(
         yield rest
 
 
-__all__ = ["KVCache", "LayerKV", "TextStreamer", "encode_prompt", "generate", "generate_ids", "sample",
-           "top_k_filter", "top_p_filter"]
+def generate_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int | None = 0,
+    stop_at_eos: bool = True,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    cuda_graphs: bool = False,
+) -> list[str]:
+    """The continuations of ``prompts`` (one string each), generated together in one batched decode
+    (:func:`generate_ids_batch`: left padding for unequal lengths). N samples of one prompt: ``[prompt] * N``.
+    The end-of-text token ends a row and is not part of its text."""
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    eos = int(tokenizer.eos_id) if stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
+    pad = int(getattr(tokenizer, "eos_id", None) or 0)
+    outs = generate_ids_batch(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, eos_id=eos, pad_id=pad, device=device, amp_dtype=amp_dtype,
+                              cuda_graphs=cuda_graphs)
+    texts = []
+    for p, out in zip(ids, outs, strict=True):
+        if eos is not None and out and out[-1] == eos:
+            out = out[:-1]
+        s = TextStreamer(tokenizer, p)
+        texts.append("".join(s.push(t) for t in out) + s.flush())
+    return texts
+
+
+__all__ = ["KVCache", "LayerKV", "TextStreamer", "encode_prompt", "generate", "generate_batch", "generate_ids",
+           "generate_ids_batch", "sample", "top_k_filter", "top_p_filter"]
