@@ -7,6 +7,7 @@
     bitnet_linear    BitNet b1.58 / DQT integer-grid linear: exact INT8 scaled_mm forward, STE backward
     dqt_step         fused stochastic-rounding AdamW step over DQT's integer codes (all tensors, one launch)
     lowbit_gemv      decode GEMV / small-batch GEMM straight from packed W1.58/W2/W4/W8 codes (PackedLinear.kernel)
+    packed_mm        DQT's INT8 forward and bf16 grad-x GEMMs straight from packed 2-/4-bit weight codes
     packed_prefill   prefill of packed layers: activations quantized on the fly + FP8/INT8 scaled_mm; install_all
 
 Importing this package imports nothing else: the names below load their module on first access (PEP 562), and
@@ -38,6 +39,10 @@ _LAZY = {
     "lowbit_gemv": "lowbit_gemv",
     "lowbit_gemv_ref": "lowbit_gemv",
     "packed_linear_kernel": "lowbit_gemv",
+    "packed_scaled_mm": "packed_mm",
+    "packed_scaled_mm_ref": "packed_mm",
+    "packed_dequant_mm": "packed_mm",
+    "packed_dequant_mm_ref": "packed_mm",
     "prefill_kernel": "packed_prefill",
     "install_all": "packed_prefill",
 }

@@ -26,7 +26,9 @@ an integer grid without offset (dqt-ternary, dqt-int2 … dqt-int8; per-tensor o
 spec is one too (BitNet's 8-bit absmax per token), the forward is one exact INT8 GEMM of the activation codes
 and the weight codes with the two steps in the epilogue (:func:`lowbit.kernels.scaled_mm.scaled_mm`): no
 dequantized weight is written to memory, and the backward saves the int8 activation codes instead of x̂.
-The backward is the same as above (G·Ŵ with Ŵ recomputed from the codes; gᵀx̂ delivered).
+The backward is the same as above (G·Ŵ with Ŵ recomputed from the codes; gᵀx̂ delivered). Packed 2-/4-bit
+codes go to :mod:`lowbit.kernels.packed_mm`, which unpacks them in the GEMM's registers for the forward and
+for G·Ŵ (the codes are never unpacked or dequantized into memory on the triton backend).
 
 The reference code also quantizes embeddings, lm_head and the norm gains; ``dqt.quantize_embeddings`` does
 the same here with :class:`DirectQuantEmbedding` and :class:`DirectQuantRMSNorm` (same storage, same update).
@@ -254,8 +256,15 @@ class _DirectInt8LinearFn(torch.autograd.Function):
         from lowbit.kernels.scaled_mm import scaled_mm
 
         cdt = _compute_dtype(x)
-        cw, sw = mod._int8_weight()
-        y = scaled_mm(cx, cw, sx, sw, None, cdt, backend=mod.gemm_backend)
+        packed = mod._packed_weight()
+        if packed is not None:  # 2-/4-bit codes: unpacked in the GEMM's registers (lowbit.kernels.packed_mm)
+            from lowbit.kernels.packed_mm import packed_scaled_mm
+
+            y = packed_scaled_mm(cx, packed[0], sx, packed[1], None, cdt, bits=packed[2], qmin=packed[3],
+                                 backend=mod.gemm_backend)
+        else:
+            cw, sw = mod._int8_weight()
+            y = scaled_mm(cx, cw, sx, sw, None, cdt, backend=mod.gemm_backend)
         ctx.save_for_backward(cx, sx)
         ctx.mod, ctx.cdt, ctx.x_dtype, ctx.lead = mod, cdt, x.dtype, x.shape[:-1]
         return y.reshape(*x.shape[:-1], mod.out_features)
@@ -268,9 +277,16 @@ class _DirectInt8LinearFn(torch.autograd.Function):
         g = gy.to(ctx.cdt).reshape(-1, n)
         gx = None
         if ctx.needs_input_grad[0]:
-            w = mod._matmul_weight(ctx.cdt, False)
-            gx = (g @ w).to(ctx.x_dtype).reshape(*ctx.lead, mod.in_features)  # STE through the act quantizer
-            del w
+            packed = mod._packed_weight()
+            if packed is not None:  # G·Ŵ with Ŵ unpacked and scaled in the kernel's registers
+                from lowbit.kernels.packed_mm import packed_dequant_mm
+
+                gxm = packed_dequant_mm(g, packed[0], packed[1], bits=packed[2], qmin=packed[3], k=mod.in_features,
+                                        backend=mod.gemm_backend)
+            else:
+                gxm = g @ mod._matmul_weight(ctx.cdt, False)
+            gx = gxm.to(ctx.x_dtype).reshape(*ctx.lead, mod.in_features)  # STE through the act quantizer
+            del gxm
         xc = cx.float().mul_(sx[:, None]).to(ctx.cdt)  # x̂ as the torch path saves it
         mod.deliver_grad((g.t() @ xc).float())
         return gx, None, None, None, None
@@ -360,6 +376,17 @@ class DirectQuantLinear(DirectModule):
         cw = self.weight_codes if storage_bits(info.levels) == 8 else self.codes()
         sw = self.weight_scale.reshape(-1)
         return cw, (sw.expand(self.out_features) if sw.numel() == 1 else sw)
+
+    def _packed_weight(self) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """(packed uint8 codes (N, ceil(K/p)), float32 step per output row (N,), storage bits, qmin) for 2-/4-bit
+        storage, the operands of :mod:`lowbit.kernels.packed_mm`; None at 8 bits (and for FSDP2-sharded codes,
+        which :meth:`codes` gathers)."""
+        info = self.weight_spec.info
+        bits = storage_bits(info.levels)
+        if bits not in (2, 4) or hasattr(self.weight_codes, "full_tensor"):
+            return None
+        sw = self.weight_scale.reshape(-1)
+        return self.weight_codes, (sw.expand(self.out_features) if sw.numel() == 1 else sw), bits, info.qmin
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from lowbit.kernels.bitnet_linear import bitnet_linear_stats, quantize_int8
