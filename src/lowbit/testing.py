@@ -25,3 +25,60 @@ def tiny_run_config(out_dir: Path, corpus: Path, data_dir: Path, **over):
         "train.progress": False, "train.tensorboard": False, "train.out_dir": str(out_dir),
     } | over
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton's CPU interpreter (kernel tests without a GPU)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def interpreter_numpy_compat() -> None:
+    """Triton 3.6's interpreter turns a runtime loop bound into a Python int with ``int(array_of_shape_(1,))``,
+    which numpy ≥ 2.3 refuses ("only 0-dimensional arrays can be converted"); kernels with runtime loop bounds
+    (persistent tile loops, K loops) need that one conversion patched. Test processes only; idempotent."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_lowbit_index_compat", False):
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._lowbit_index_compat = True
+
+
+def interpreter_ready() -> bool:
+    """TRITON_INTERPRET=1 and triton not yet imported in the other mode (its library is jit-decorated for one
+    mode at import, so the variable must be set before anything — torch.compile too — imports triton)."""
+    import sys
+
+    from lowbit.kernels._triton import interpreting
+
+    if not interpreting():
+        return False
+    tl = sys.modules.get("triton.language")
+    return tl is None or type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+def run_interpreted_tests(test_file: str | Path, keyword: str = "interpreted") -> None:
+    """Run the ``keyword`` tests of ``test_file`` in a child pytest with TRITON_INTERPRET=1 and fail unless they
+    all ran and passed (none skipped: the kernels really ran). Skips when this process is that child."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if interpreter_ready():
+        pytest.skip("this process is the interpreter run: the *_interpreted tests run directly")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, "-m", "pytest", str(test_file), "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
+           "-k", keyword]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(test_file).parents[2])
+    tail = (res.stdout + res.stderr)[-6000:]
+    assert res.returncode == 0, f"interpreter run failed ({' '.join(cmd)}):\n{tail}"
+    summary = res.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, tail

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +23,7 @@ from lowbit.kernels.hadamard_quant import (
 )
 from lowbit.quant import fake_quantize, hadamard
 from lowbit.quant.recipes import quest_spec
+from lowbit.testing import run_interpreted_tests
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'lowbit[triton]')")
@@ -290,37 +287,9 @@ def assert_grad_matches_ref(got, g, mask, block=128) -> None:
     assert not bad.any(), f"{int(bad.sum())} gradient entries off by more than {bound.max().item():.3g}"
 
 
-def _interpreter_ready() -> bool:
-    """TRITON_INTERPRET=1 and triton not yet imported otherwise (its library is jit-decorated for one mode)."""
-    if not hq._interpreting():
-        return False
-    tl = sys.modules.get("triton.language")
-    return tl is None or hq._imported_interpreted(tl)
-
-
-@pytest.fixture
-def interpret():
-    """The ``*_interpreted`` tests run the Triton kernels in Triton's CPU interpreter. That needs
-    TRITON_INTERPRET=1 before triton is first imported, so in a normal run they are skipped here and run by
-    :func:`test_kernels_in_triton_interpreter` in a child pytest with the variable set."""
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (pip install 'lowbit[triton]')")
-    if not _interpreter_ready():
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_triton_interpreter")
-
-
 @needs_triton
 def test_kernels_in_triton_interpreter() -> None:
-    if _interpreter_ready():
-        pytest.skip("this process is the interpreter run: the *_interpreted tests run directly")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "interpreted"]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
-    tail = (res.stdout + res.stderr)[-6000:]
-    assert res.returncode == 0, f"interpreter run failed ({' '.join(cmd)}):\n{tail}"
-    summary = res.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, tail  # the kernels really ran
+    run_interpreted_tests(__file__)
 
 
 @needs_triton

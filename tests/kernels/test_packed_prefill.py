@@ -5,15 +5,13 @@ the combined decode/prefill hook in a packed model."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lowbit.kernels import packed_prefill as pp
+from lowbit.testing import run_interpreted_tests
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'lowbit[triton]')")
@@ -229,53 +227,9 @@ def test_bench_decode_prefill_cpu_logic(tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _interpreter_ready() -> bool:
-    from lowbit.kernels._triton import interpreting
-
-    if not interpreting():
-        return False
-    tl = sys.modules.get("triton.language")
-    return tl is None or type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-def _interpreter_numpy_compat() -> None:
-    """Triton 3.6's interpreter turns a runtime loop bound into a Python int with ``int(array_of_shape_(1,))``,
-    which numpy ≥ 2.3 refuses (as in tests/kernels/test_lowbit_gemv.py)."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_lowbit_index_compat", False):
-        return
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._lowbit_index_compat = True
-
-
-@pytest.fixture
-def interpret():
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed (pip install 'lowbit[triton]')")
-    if not _interpreter_ready():
-        pytest.skip("runs in the TRITON_INTERPRET=1 subprocess of test_prefill_in_triton_interpreter")
-    _interpreter_numpy_compat()
-
-
 @needs_triton
 def test_prefill_in_triton_interpreter() -> None:
-    if _interpreter_ready():
-        pytest.skip("this process is the interpreter run: the *_interpreted tests run directly")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-x", "-p", "no:cacheprovider",
-           "-k", "interpreted"]  # fmt: skip
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
-    tail = (res.stdout + res.stderr)[-6000:]
-    assert res.returncode == 0, f"interpreter run failed ({' '.join(cmd)}):\n{tail}"
-    summary = res.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, tail  # the kernels really ran
+    run_interpreted_tests(__file__)
 
 
 @pytest.mark.parametrize("recipe", ["quest-w4a4", "bitnet-b1.58"])

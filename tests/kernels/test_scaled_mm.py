@@ -8,26 +8,9 @@ import torch
 
 from lowbit.kernels import scaled_mm as sm
 from lowbit.kernels.scaled_mm import scaled_mm, scaled_mm_ref
+from lowbit.testing import interpreter_numpy_compat
 
 FP8 = torch.float8_e4m3fn
-
-
-def _interpreter_numpy_compat() -> None:
-    """Triton 3.6's interpreter turns a loop bound into a Python int with ``int(array_of_shape_(1,))``, which
-    numpy ≥ 2.3 refuses ("only 0-dimensional arrays can be converted"); the kernel's persistent tile loop and
-    K loop have runtime bounds. Patch that one conversion (test process only, idempotent)."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_lowbit_index_compat", False):
-        return
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._lowbit_index_compat = True
 
 
 @pytest.fixture
@@ -40,7 +23,7 @@ def kdev(monkeypatch: pytest.MonkeyPatch) -> str:
             pytest.skip("the TMA kernel needs compute capability ≥ 9.0")
         return "cuda"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _interpreter_numpy_compat()
+    interpreter_numpy_compat()
     return "cpu"
 
 
