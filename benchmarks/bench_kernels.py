@@ -202,26 +202,7 @@ def _bitnet_rows(args: argparse.Namespace, label: str, m: int, k: int, n: int) -
         "QuantLinear bitnet-b1.58 (fake quant)": layer,
         "bitnet_linear (INT8 GEMM fwd)": lambda t: bitnet_linear(t, layer.weight, gemm_backend=gemm),
     }
-    rows, base_ms = [], None
-    for name, mod in variants.items():
-
-        def step(mod=mod):
-            with torch.autocast(device.type, dtype=amp):
-                y = mod(x)
-            y.backward(g)
-            x.grad = None
-
-        row = {"shape": label, "M×K→N": f"{m}×{k}→{n}", "layer (fwd+bwd)": name}
-        try:
-            ms = time_ms(step, device, args.warmup, args.iters)
-        except Exception as e:  # report, keep going
-            rows.append(row | {"ms": "—", "vs bf16": f"failed: {type(e).__name__}: {str(e)[:60]}"})
-            continue
-        base_ms = ms if base_ms is None else base_ms
-        rows.append(row | {"ms": f"{ms:.3f}", "vs bf16": f"{base_ms / ms:.2f}×"})
-        plain.zero_grad(set_to_none=True)
-        layer.zero_grad(set_to_none=True)
-    return rows
+    return _layer_rows(args, device, amp, label, (m, k, n), variants, x, g, (plain, layer), tflops=False)
 
 
 def _quest_linear_rows(args: argparse.Namespace, label: str, m: int, k: int, n: int) -> list[dict]:
@@ -244,6 +225,15 @@ def _quest_linear_rows(args: argparse.Namespace, label: str, m: int, k: int, n: 
         "quest_linear W4A4, bf16 backward": lambda t: quest_linear(t, layer.weight, 4, 4),
         "quest_linear W4A4, fp8 backward": lambda t: quest_linear(t, layer.weight, 4, 4, backward="fp8"),
     }
+    return _layer_rows(args, device, amp, label, (m, k, n), variants, x, g, (plain, layer), tflops=True)
+
+
+def _layer_rows(args: argparse.Namespace, device: torch.device, amp: torch.dtype, label: str,
+                mkn: tuple[int, int, int], variants: dict, x: torch.Tensor, g: torch.Tensor,
+                modules: tuple[torch.nn.Module, ...], tflops: bool) -> list[dict]:
+    """Forward + backward of each variant on (x, g) under autocast, timed; the first variant is the baseline of
+    the "vs bf16" column. A variant that fails is reported and the others still run."""
+    m, k, n = mkn
     rows, base_ms = [], None
     for name, mod in variants.items():
 
@@ -257,13 +247,14 @@ def _quest_linear_rows(args: argparse.Namespace, label: str, m: int, k: int, n: 
         try:
             ms = time_ms(step, device, args.warmup, args.iters)
         except Exception as e:  # report, keep going
-            rows.append(row | {"ms": "—", "TFLOP/s": "—", "vs bf16": f"failed: {type(e).__name__}: {str(e)[:60]}"})
+            rows.append(row | {"ms": "—"} | ({"TFLOP/s": "—"} if tflops else {})
+                        | {"vs bf16": f"failed: {type(e).__name__}: {str(e)[:60]}"})
             continue
         base_ms = ms if base_ms is None else base_ms
-        tflops = 3 * 2 * m * n * k / ms / 1e9
-        rows.append(row | {"ms": f"{ms:.3f}", "TFLOP/s": f"{tflops:.0f}", "vs bf16": f"{base_ms / ms:.2f}×"})
-        plain.zero_grad(set_to_none=True)
-        layer.zero_grad(set_to_none=True)
+        rate = {"TFLOP/s": f"{3 * 2 * m * n * k / ms / 1e9:.0f}"} if tflops else {}
+        rows.append(row | {"ms": f"{ms:.3f}"} | rate | {"vs bf16": f"{base_ms / ms:.2f}×"})
+        for module in modules:
+            module.zero_grad(set_to_none=True)
     return rows
 
 

@@ -425,6 +425,11 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids or [int(tokenizer.eos_id)]
 
 
+def _eos_id(tokenizer) -> int | None:
+    """The tokenizer's end-of-text id, or None when it has none."""
+    return int(tokenizer.eos_id) if getattr(tokenizer, "eos_id", None) is not None else None
+
+
 def generate(
     model: nn.Module,
     tokenizer,
@@ -443,7 +448,7 @@ def generate(
     """Stream the continuation of ``prompt`` as text pieces (see :func:`generate_ids` for the options). The
     end-of-text token stops generation and is not printed."""
     prompt_ids = encode_prompt(tokenizer, prompt)
-    eos = int(tokenizer.eos_id) if stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
+    eos = _eos_id(tokenizer) if stop_at_eos else None
     streamer = TextStreamer(tokenizer, prompt_ids)
     for t in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, eos_id=eos, device=device, amp_dtype=amp_dtype, cuda_graphs=cuda_graphs):
@@ -476,7 +481,7 @@ def generate_batch(
     (:func:`generate_ids_batch`: left padding for unequal lengths). N samples of one prompt: ``[prompt] * N``.
     The end-of-text token ends a row and is not part of its text."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
-    eos = int(tokenizer.eos_id) if stop_at_eos and getattr(tokenizer, "eos_id", None) is not None else None
+    eos = _eos_id(tokenizer) if stop_at_eos else None
     pad = int(getattr(tokenizer, "eos_id", None) or 0)
     outs = generate_ids_batch(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, eos_id=eos, pad_id=pad, device=device, amp_dtype=amp_dtype,
