@@ -14,6 +14,7 @@ from lowbit.chat import ChatSession, _held_back, run_chat
 from lowbit.cli import main
 from lowbit.config import ModelConfig
 from lowbit.models.llama import Llama
+from lowbit.testing import ByteTok
 
 
 @pytest.fixture(autouse=True)
@@ -26,19 +27,6 @@ def tiny(**over) -> Llama:
     torch.manual_seed(0)
     kw = dict(vocab_size=257, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=48) | over
     return Llama(ModelConfig(**kw)).eval()
-
-
-class ByteTok:
-    """One token per UTF-8 byte, EOS = 256."""
-
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, s):
-        return list(s.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class AsciiTok(ByteTok):

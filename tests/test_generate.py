@@ -20,6 +20,7 @@ from lowbit.generate import (
     top_p_filter,
 )
 from lowbit.models.llama import Llama
+from lowbit.testing import ByteTok
 
 
 @pytest.fixture(autouse=True)
@@ -37,19 +38,6 @@ def tiny(recipe: str | None = None, **over) -> Llama:
 
         quantize_(model, recipe)
     return model.eval()
-
-
-class ByteTok:
-    """One token per UTF-8 byte, EOS = 256."""
-
-    eos_id = 256
-    vocab_size = 257
-
-    def encode(self, s):
-        return list(s.encode())
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 # ---- the cache ---------------------------------------------------------------------------------------------

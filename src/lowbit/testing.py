@@ -82,3 +82,16 @@ def run_interpreted_tests(test_file: str | Path, keyword: str = "interpreted") -
     assert res.returncode == 0, f"interpreter run failed ({' '.join(cmd)}):\n{tail}"
     summary = res.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, tail
+
+
+class ByteTok:
+    """A tokenizer of one token per UTF-8 byte, EOS = 256: generation and chat tests need no trained tokenizer."""
+
+    eos_id = 256
+    vocab_size = 257
+
+    def encode(self, s):
+        return list(s.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
