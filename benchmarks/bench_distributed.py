@@ -88,7 +88,7 @@ def traffic(model, cfg, world: int, device: torch.device) -> dict[str, float]:
 def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> dict:
     from lowbit import distributed as D
     from lowbit.runs import autocast_dtype, build_model
-    from lowbit.train.optim import build_optimizer
+    from lowbit.train.optim import build_optimizer, clip_gradients
 
     cfg = _config(args, recipe, parallel)
     torch.manual_seed(0)
@@ -124,10 +124,7 @@ def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> d
         else:
             loss = fwd_bwd()
         D.sync_direct_grads(model, info)
-        if hasattr(opt, "clip_grad_norm_"):
-            opt.clip_grad_norm_(1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(opt, model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         float(loss)

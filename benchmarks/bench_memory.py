@@ -53,7 +53,7 @@ from lowbit.models.llama import Llama
 from lowbit.nn.direct import direct_modules
 from lowbit.runs import apply_recipe
 from lowbit.train.memory import count_saved_activations
-from lowbit.train.optim import build_optimizer
+from lowbit.train.optim import build_optimizer, clip_gradients
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -202,8 +202,7 @@ def run_row(label: str, recipe: str, opts: dict, args: argparse.Namespace, size:
         if ev:
             ev[2].record()
         t2 = time.perf_counter()
-        gnorm = opt.clip_grad_norm_(1.0) if hasattr(opt, "clip_grad_norm_") else torch.nn.utils.clip_grad_norm_(
-            model.parameters(), 1.0)
+        gnorm = clip_gradients(opt, model.parameters(), 1.0)
         loss_f = float(loss.detach())  # the trainer's one sync per step
         float(gnorm)
         opt.step()

@@ -52,7 +52,7 @@ from torch import nn
 
 from lowbit.config import ModelConfig, QuantConfig, TrainConfig
 from lowbit.models.llama import Llama, flops_per_token, param_counts
-from lowbit.train.optim import build_optimizer
+from lowbit.train.optim import build_optimizer, clip_gradients
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -241,10 +241,7 @@ def make_step(args: argparse.Namespace, device: torch.device, size: str | None =
                 loss = fwd(x, y) / args.grad_accum
             loss.backward()
             total += loss.detach()
-        if hasattr(opt, "clip_grad_norm_"):  # DQT: the codes' gradients are not .grad (the trainer's branch)
-            gnorm = opt.clip_grad_norm_(tcfg.grad_clip)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        gnorm = clip_gradients(opt, params, tcfg.grad_clip)
         loss_f, gnorm_f = float(total), float(gnorm)  # the trainer's one sync per step (NaN check)
         if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
             raise RuntimeError(f"non-finite loss {loss_f} / grad norm {gnorm_f}")

@@ -11,7 +11,7 @@ from lowbit.config import ConfigError, DQTConfig, ModelConfig, QuantConfig, Trai
 from lowbit.models.llama import Llama
 from lowbit.nn import DirectQuantLinear, QuantLinear, direct_modules, quant_diagnostics, quantize_
 from lowbit.nn.linear import set_kernels
-from lowbit.train.optim import build_optimizer
+from lowbit.train.optim import build_optimizer, clip_gradients
 from lowbit.train.trainer import RESUMABLE_CHANGES
 
 PROJ = 7 * 2  # quantized projections of the 2-layer model
@@ -41,10 +41,7 @@ def train(model, steps: int = 3, seed: int = 0) -> list[float]:
         idx = torch.randint(0, 96, (2, 33), generator=g)
         loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
-        if hasattr(opt, "clip_grad_norm_"):
-            opt.clip_grad_norm_(1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(opt, model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())

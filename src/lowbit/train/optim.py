@@ -78,3 +78,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr
+
+
+def clip_gradients(opt, params, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm`` and return the norm before clipping. A DQT optimizer clips
+    its own gradients (stashed or applied in backward, never ``.grad`` of a Parameter) and the float ones it
+    holds; any other optimizer gets ``torch.nn.utils.clip_grad_norm_`` over ``params``."""
+    if hasattr(opt, "clip_grad_norm_"):
+        return opt.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)

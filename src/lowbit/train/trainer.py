@@ -38,7 +38,7 @@ from lowbit.train.memory import (
     param_count,
     weight_bytes,
 )
-from lowbit.train.optim import build_optimizer, lr_at, set_lr
+from lowbit.train.optim import build_optimizer, clip_gradients, lr_at, set_lr
 
 
 class TrainingDiverged(RuntimeError):
@@ -214,10 +214,7 @@ class Trainer:
             D.sync_direct_grads(self.model, self.dist)  # DQT gradients: not Parameters, DDP does not see them
             D.mean_over_ranks(total, self.dist)  # the loss of the global batch
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        if hasattr(self.opt, "clip_grad_norm_"):  # DQT: stashed/in-backward gradients are not .grad
-            gnorm = self.opt.clip_grad_norm_(clip)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        gnorm = clip_gradients(self.opt, self.model.parameters(), clip)
         gnorm = D.parallel.full_value(gnorm)  # FSDP2: a DTensor
         loss_f, gnorm_f = float(total), float(gnorm)  # one sync per step: NaN detection needs it
         if not (math.isfinite(loss_f) and math.isfinite(gnorm_f)):
