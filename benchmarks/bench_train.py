@@ -43,6 +43,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -464,6 +465,7 @@ def measure_row(args: argparse.Namespace, device: torch.device, size: str, recip
     except Exception as e:  # report the row, keep going
         row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         print(f"[bench_train] {size} {recipe} kernels={kernels} failed: {row.error}", file=sys.stderr, flush=True)
+        traceback.print_exc(limit=-12, file=sys.stderr)  # the innermost frames: where it failed, for the log
     _release(device)
     return row
 

@@ -269,3 +269,20 @@ def test_auto_takes_the_kernels_on_the_gpu(recipe):
     g_ref, g_fast = grads(ref), grads(fast)
     for n, t in g_ref.items():
         assert ((g_fast[n].float() - t.float()).norm() / t.float().norm()).item() < 5e-2, n
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("recipe", ["quest-w4a4", "bitnet-b1.58", "dqt-int8"])
+def test_inductor_compiles_the_kernel_path_on_the_gpu(recipe):
+    # what bench_train and the trainer run: torch.compile (inductor) of the whole model with the kernels on,
+    # under bf16 autocast; the loss equals the eager kernel path's (same kernels, same codes)
+    m = model_for(recipe, layers=1).cuda()
+    force_cuda = set_kernels(m, "on")
+    assert len(force_cuda) == PROJ // 2
+    idx = torch.randint(0, 96, (2, 16), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        l0 = m(idx, idx)
+        l1 = torch.compile(m)(idx, idx)
+    l1.backward()
+    torch.testing.assert_close(l1, l0, rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()

@@ -11,6 +11,7 @@ from lowbit.kernels import dqt_step
 from lowbit.models.llama import Llama
 from lowbit.nn import direct_modules, quantize_direct_
 from lowbit.optim import DirectOptimizer
+from lowbit.testing import interpreter_numpy_compat
 from lowbit.train.optim import build_optimizer
 
 
@@ -20,6 +21,7 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     if not dqt_step.has_triton():
         pytest.skip("triton is not installed (pip install 'lowbit[triton]')")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_numpy_compat()  # the trainer test reaches scaled_mm's persistent loop (a runtime loop bound)
 
 
 def _model(recipe: str = "dqt-int8", seed: int = 0):

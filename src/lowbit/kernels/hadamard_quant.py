@@ -217,9 +217,13 @@ def unpack_mask(mask_bits: torch.Tensor) -> torch.Tensor:
 
 def masked_fraction(mask_bits: torch.Tensor) -> torch.Tensor:
     """Fraction of entries whose gradient the packed mask zeroes (QuantLinear's ``masked`` statistic), without
-    unpacking: a popcount per byte by table lookup. A 0-dim float32 tensor on the mask's device (no sync)."""
-    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.float32, device=mask_bits.device)
-    return 1.0 - table[mask_bits.long()].mean() / 8
+    unpacking: a SWAR popcount per byte (no lookup table: no constant to build on the device, nothing for
+    torch.compile to lift). A 0-dim float32 tensor on the mask's device (no sync)."""
+    v = mask_bits.to(torch.int32)
+    v = v - ((v >> 1) & 0x55)
+    v = (v & 0x33) + ((v >> 2) & 0x33)
+    v = (v + (v >> 4)) & 0x0F
+    return 1.0 - v.float().mean() / 8
 
 
 # ----------------------------------------------------------------------------------------------------------
