@@ -3,7 +3,9 @@
 The step is the trainer's own (``lowbit.train.trainer.Trainer._train_step``): fp32 master weights, bf16
 autocast on CUDA, fused AdamW from :func:`lowbit.train.optim.build_optimizer`, global-norm gradient clipping
 to 1.0, ``zero_grad(set_to_none=True)``, one host sync per step (the trainer reads the loss and grad norm
-for its NaN check), and ``torch.compile`` of the whole model when compiled. Batches are synthetic random
+for its NaN check), and ``torch.compile`` when compiled: of the whole model (``--compile-scope model``, the
+default) or of each transformer block on its own (``--compile-scope block``: the trainer's
+``train.compile_scope=block``, ``lowbit.distributed.parallel.compile_model``). Batches are synthetic random
 tokens, generated on the device up front and rotated, so no data loading is timed.
 
 Timing: ``--warmup`` steps first (compilation happens there, and the optimizer state is created), then
@@ -52,7 +54,9 @@ import torch
 from torch import nn
 
 from lowbit.config import ModelConfig, QuantConfig, TrainConfig
+from lowbit.distributed.parallel import compile_model
 from lowbit.models.llama import Llama, flops_per_token, param_counts
+from lowbit.nn import set_track_stats
 from lowbit.train.optim import build_optimizer, clip_gradients
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -84,6 +88,7 @@ class Result:
     vocab: int
     compile: bool
     compile_mode: str
+    compile_scope: str
     sdpa: str
     params: dict[str, int]
     flops_per_token: float
@@ -212,11 +217,12 @@ def make_step(args: argparse.Namespace, device: torch.device, size: str | None =
     torch.manual_seed(0)
     model = apply_recipe(Llama(mcfg), recipe or args.recipe).to(device)
     set_kernels_of(model, kernels, getattr(args, "kernel_backend", "auto"))
+    set_track_stats(model, False)  # as the trainer steps: statistics are recorded only when reported
     model.train()
     opt = build_optimizer(model, tcfg, device)
-    if args.compile:
+    if args.compile:  # the trainer's helper: the whole model, or each block in place (--compile-scope)
         mode = None if args.compile_mode == "default" else args.compile_mode
-        fwd: nn.Module = torch.compile(model, mode=mode)  # type: ignore[assignment]
+        fwd: nn.Module = compile_model(model, args.compile_scope, mode=mode)
     else:
         fwd = model
     # the trainer's precision "auto": bf16 autocast over fp32 master weights on CUDA, plain fp32 on CPU
@@ -369,7 +375,8 @@ def render_markdown(r: Result, info: dict[str, str], when: str, cmd: str) -> str
         f"- machine: {', '.join(f'{k} {v}' for k, v in info.items())}",
         f"- command: `{cmd}`",
         f"- config: batch {r.batch} × seq {r.seq} × grad_accum {r.grad_accum} = {r.tokens_per_step} "
-        f"tokens/step, vocab {r.vocab}, compile {r.compile} (mode {r.compile_mode}), SDPA backend {r.sdpa}",
+        f"tokens/step, vocab {r.vocab}, compile {r.compile} (mode {r.compile_mode}, scope {r.compile_scope}), "
+        f"SDPA backend {r.sdpa}",
         f"- params: {r.params['total'] / 1e6:.1f} M total, "
         f"{r.params['non_embedding'] / 1e6:.1f} M non-embedding; "
         f"{r.flops_per_token / 1e9:.3f} GFLOP/token (6·N + 12·L·d·T)",
@@ -480,8 +487,8 @@ def render_matrix(rows: list[Row], args: argparse.Namespace, info: dict[str, str
         f"- machine: {', '.join(f'{k} {v}' for k, v in info.items())}",
         f"- command: `{cmd}`",
         f"- config: batch {args.batch} × seq {args.seq} × grad_accum {args.grad_accum}, vocab {args.vocab}, "
-        f"compile {args.compile} (mode {args.compile_mode}), {args.warmup} warm-up + {args.steps} timed steps "
-        f"(median), the trainer's step (bf16 autocast over fp32 master weights on CUDA)",
+        f"compile {args.compile} (mode {args.compile_mode}, scope {args.compile_scope}), {args.warmup} warm-up + "
+        f"{args.steps} timed steps (median), the trainer's step (bf16 autocast over fp32 master weights on CUDA)",
         "- kernels: `on` = lowbit's fused ops in the quantized layers (quest_linear for QuEST W·A, the exact INT8 "
         "GEMM for BitNet and DQT int grids), `off` = the torch fake-quant path (the reference); "
         "× bf16 = step time over the bf16 step of the same size (lower is faster)",
@@ -544,7 +551,8 @@ def run_matrix(args: argparse.Namespace, device: torch.device) -> list[Row]:
                  if row.step_ms else row.error), flush=True)
         out.write_text(render_matrix(rows, args, info, when, cmd, skipped))  # after every row: a cut run keeps it
         out.with_suffix(".json").write_text(json.dumps(
-            {"machine": info, "date": when, "command": cmd, "rows": [asdict(r) for r in rows]}, indent=1))
+            {"machine": info, "date": when, "command": cmd, "compile": args.compile, "compile_mode": args.compile_mode,
+             "compile_scope": args.compile_scope, "rows": [asdict(r) for r in rows]}, indent=1))
     out.write_text(render_matrix(rows, args, info, when, cmd, skipped))
     print(out.read_text())
     return rows
@@ -566,9 +574,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the whole model (default: on for CUDA, off for CPU)")
+                    help="torch.compile the model, as --compile-scope says (default: on for CUDA, off for CPU)")
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
+    ap.add_argument("--compile-scope", default="model", choices=["model", "block"],
+                    help="with --compile: the whole model in one graph (model), or each transformer block on its "
+                    "own, one graph reused by all blocks (block: regional compilation, the trainer's "
+                    "train.compile_scope=block; shorter compile, no fusion across blocks, eager head)")
     ap.add_argument("--recipe", default="bf16", help="bf16, or a name from lowbit.quant.recipes")
     ap.add_argument("--recipes", default=None,
                     help="side by side: comma-separated recipes (e.g. bf16,quest-w4a4,bitnet-b1.58,dqt-int8), each "
@@ -643,7 +655,8 @@ def main(argv: list[str] | None = None) -> Result:
     res = Result(
         size=args.size, recipe=args.recipe, device=str(device), batch=args.batch, seq=args.seq,
         grad_accum=args.grad_accum, vocab=args.vocab, compile=args.compile, compile_mode=args.compile_mode,
-        sdpa=args.sdpa, params=param_counts(model), flops_per_token=fpt, tokens_per_step=tokens,
+        compile_scope=args.compile_scope, sdpa=args.sdpa, params=param_counts(model), flops_per_token=fpt,
+        tokens_per_step=tokens,
         step_ms_median=med, step_ms_min=min(times), step_ms_max=max(times), tokens_per_s=tps,
         achieved_tflops=fpt * tps / 1e12, mfu=None if peak is None else fpt * tps / peak,
         peak_tflops=None if peak is None else peak / 1e12, first_step_s=first_step_s,
@@ -665,7 +678,7 @@ def main(argv: list[str] | None = None) -> Result:
         args.json.write_text(json.dumps(record, indent=1))
     mfu = "n/a" if res.mfu is None else f"{100 * res.mfu:.1f}%"
     print(f"{args.size} {args.recipe} b{args.batch}x{args.seq}x{args.grad_accum} compile={args.compile}"
-          f"({args.compile_mode}) sdpa={args.sdpa}: {med:.2f} ms/step, {tps:,.0f} tok/s, "
+          f"({args.compile_mode}, {args.compile_scope}) sdpa={args.sdpa}: {med:.2f} ms/step, {tps:,.0f} tok/s, "
           f"{res.achieved_tflops:.1f} TFLOP/s, MFU {mfu}, peak {max_alloc or 0:.2f}/{max_res or 0:.2f} GB "
           f"alloc/reserved, first step {first_step_s:.1f} s, loss {loss:.3f} -> {out}")
     return res

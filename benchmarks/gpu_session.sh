@@ -3,24 +3,26 @@
 #
 #   bash benchmarks/gpu_session.sh                # everything under ${OUT:-/tmp/out}
 #
-# Steps, in order, each under its own `timeout` (seconds), each logged to $OUT/<step>.log; a failing or timed-out
-# step does not stop the next one, and a summary (step, exit code, seconds) is printed at the end and written to
+# Steps, each under its own `timeout` (seconds), each logged to $OUT/<step>.log; a failing or timed-out step does
+# not stop the next one, and a summary (step, exit code, seconds) is printed at the end and written to
 # $OUT/summary.txt. Exit code 124 = the step ran past its timeout (what it wrote before is kept: the benchmarks
 # rewrite their reports after every row / bench).
 #
-#   1 tests      80 s  pytest -m needs_cuda tests/kernels tests/nn/test_kernel_dispatch.py (real kernels, real shapes)
-#   2 dqt_fused  40 s  pytest tests/optim/test_dqt_fused.py (own process: it runs Triton's interpreter)
-#   3 kernels   140 s  bench_kernels.py, every bench, bounded (--quick --max-configs 4 --time-budget 110)
-#   4 train130  220 s  bench_train.py: bf16, quest-w4a4, bitnet-b1.58, dqt-int8, quest-w8a8, dqt-ternary at 130m,
-#                      batch 16 × seq 1024, compiled, quant.kernels on and off side by side (--time-budget 175)
-#   5 parity     75 s  loss_parity.py: 200 steps kernels on vs off (tiny model, quest-w4a4, bitnet-b1.58, dqt-int8)
-#   6 train430  rest   the same side by side at 430m (batch 8), only if ≥ 60 s are left of TOTAL (default 580)
+#   tests       150 s  pytest -m needs_cuda: the training kernels at real shapes (LOWBIT_AUTOTUNE=0 via conftest)
+#   dqt_fused    40 s  pytest tests/optim/test_dqt_fused.py (own process: it runs Triton's interpreter)
+#   kernels     140 s  bench_kernels.py, every bench, bounded (--quick --max-configs 4 --time-budget 110)
+#   profile      70 s  profile_layers.py at the 130m and 430m up-projection shapes (host vs device time)
+#   train130    220 s  bench_train.py: $RECIPES at 130m, batch 16 × seq 1024, compiled, kernels on and off
+#   parity      100 s  loss_parity.py: 200 steps kernels on vs off (tiny model, quest-w4a4, bitnet-b1.58, dqt-int8)
+#   train430   rest    the same at 430m (batch 8), only if ≥ 60 s are left of TOTAL (default 580)
+#   gemv_tests   90 s  pytest -m needs_cuda: the decode GEMV and prefill kernels
+#   decode     rest    bench_decode.py (GEMV, end-to-end decode, prefill), only if ≥ 90 s are left
 #
-# Budgets add up to 555 s (+ ~10 s of setup); override with e.g. T_TRAIN130=200 or TOTAL=560. Outputs: $OUT/tests.log …,
-# $OUT/bench_kernels.md, $OUT/bench_train_130m.{md,json}, $OUT/loss_parity.{md,json,png}, $OUT/bench_train_430m.*.
-# PART=train runs steps 1–6, PART=inference the decode kernels' CUDA tests and bench_decode.py (≤ 5 min), PART=all
-# (default) everything in the order above with decode last. At the end every output is packed into
-# $OUT/session-$PART.tgz (the device tool brings back at most 8 files), with summary.txt beside it.
+# PART=train: tests dqt_fused kernels profile train130 parity train430; PART=inference: gemv_tests decode;
+# PART=diag: profile tests dqt_fused gemv_tests decode; PART=all (default): all of them. STEPS="a b" picks
+# steps by name; T_<STEP>=seconds overrides a timeout (T_TESTS, T_GEMV, T_TRAIN130, …), TOTAL the whole budget.
+# The ${T_PER_TEST:-90} s per-test timeout needs pytest-timeout (on the GPU image). At the end every output is
+# packed into $OUT/session-$PART.tgz (the device tool brings back few files), with summary.txt beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${PART:-all}
@@ -63,7 +65,7 @@ TESTOPTS="-q -p no:cacheprovider --timeout ${T_PER_TEST:-90} --durations 15"
 for s in $STEPS; do
   left=$((TOTAL - SECONDS))
   case $s in
-  tests) step tests "${T_TESTS:-150}" $PY -m pytest $TESTOPTS -m needs_cuda --junitxml="$OUT/tests.xml" \
+  tests) step tests "${T_TESTS:-150}" env LOWBIT_AUTOTUNE=0 $PY -m pytest $TESTOPTS -m needs_cuda --junitxml="$OUT/tests.xml" \
       tests/kernels tests/nn/test_kernel_dispatch.py --ignore tests/kernels/test_lowbit_gemv.py \
       --ignore tests/kernels/test_packed_prefill.py ;;
   dqt_fused) step dqt_fused "${T_DQT:-40}" $PY -m pytest $TESTOPTS tests/optim/test_dqt_fused.py ;;

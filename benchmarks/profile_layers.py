@@ -35,7 +35,7 @@ def variants(m: int, k: int, n: int, device: torch.device) -> tuple[dict[str, Ca
     gpu = device.type == "cuda"
     back = {} if gpu else {"gemm_backend": "ref", "quant_backend": "ref"}
     plain = torch.nn.Linear(k, n, bias=False, device=device)
-    qr, br = get_recipe("quest-w4a4"), get_recipe("bitnet-b1.58")
+    qr = get_recipe("quest-w4a4")
     fq = QuantLinear(k, n, bias=False, weight_spec=qr.weight, act_spec=qr.act, device=device)
     fq.kernels, fq.track_stats = "off", False
     qk = QuantLinear(k, n, bias=False, weight_spec=qr.weight, act_spec=qr.act, device=device)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Layer profile: M×K→N = {m}×{k}→{n}, forward + backward under bf16 autocast",
         "",
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {dev}, torch {torch.__version__}",
+        f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}; machine: {dev}, torch {torch.__version__}",
         f"- command: `PYTHONPATH=src python benchmarks/profile_layers.py {shlex.join(argv or sys.argv[1:])}`",
         "- wall = host clock per step (synchronised); device = summed kernel time per step; a wall ≫ device "
         "row is host-bound",

@@ -169,7 +169,19 @@ class TrainConfig:
     precision: str = "auto"
     """"bf16" (fp32 master weights, bf16 autocast), "fp32", or "auto" (bf16 on cuda, fp32 on cpu)."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """torch.compile the model (train.compile_scope says how much of it at once)."""
+    compile_scope: str = "model"
+    """What train.compile compiles in a single-process run: "model" (the default: ``torch.compile`` of the whole
+    model, one graph) or "block" (regional compilation, as torchtitan does: each transformer block compiled on
+    its own, in place; embedding, final norm, lm_head and loss stay eager because ``Llama.forward`` computes
+    the loss inline). The trade-off: "model" unrolls every layer into one graph, so the first step's compile
+    time grows with depth (H100, 12-layer 130m QuEST model: 199 s, bf16 34 s), but the compiler may fuse
+    across block boundaries and the head; "block" traces one block, whose graph every block reuses (no
+    recompiles), so compile time stays that of one layer (CPU, 4-layer quest-w4a4: 22 s instead of 61 s), at
+    the price of no fusion across blocks and an eager head. The default stays "model" until a GPU benchmark
+    (benchmarks/bench_train.py --compile-scope) picks one. With parallel ≠ "none" compiling is always per block
+    (lowbit.distributed), whatever this says. Evaluation runs eager either way. An execution detail: a resume
+    may change it."""
     fused_adamw: bool = True
     """Use the fused AdamW kernel on CUDA."""
     eval_every: int = 100
@@ -211,6 +223,8 @@ class TrainConfig:
             raise ConfigError(_unknown("train.schedule", self.schedule, ["cosine", "wsd", "constant"]))
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(_unknown("train.precision", self.precision, ["auto", "bf16", "fp32"]))
+        if self.compile_scope not in ("model", "block"):
+            raise ConfigError(_unknown("train.compile_scope", self.compile_scope, ["model", "block"]))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("train.min_lr_ratio must be in [0, 1]")
 
@@ -232,13 +246,16 @@ class QuantConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """Linear layers (by the last part of their name) that the recipe quantizes."""
-    kernels: str = "auto"
+    kernels: str = "off"
     """Fused low-bit kernels for the quantized layers' training forward/backward (lowbit.kernels): QuEST W·A
     recipes (quest-wXaY) → quest_linear (fused Hadamard quantizer + exact FP8/INT8 GEMM); bitnet-b1.58, ste-wXaY
     and dqt-ternary/dqt-intN → an exact INT8 GEMM. "auto": where the layer's recipe has one and it can run (CUDA
     tensors on a Hopper GPU, Triton installed, K a multiple of 128 for QuEST / 16 for INT8), else the torch
     fake-quant path; "on": required where the recipe has one (an error where it cannot run, e.g. on the CPU);
-    "off": always the torch path (the reference). Same math either way, up to float32 rounding."""
+    "off" (the default): always the torch path (the reference). Same math either way, up to float32 rounding.
+    The default is "off" because on the H100 (benchmarks/results/h100-2026-11-23/, docs/results.md §6) the
+    kernel path is still *slower* per training step than the torch path (host-bound: ~0.2 ms of Python per
+    fused-op call); the DQT optimizer's fused step (``dqt.fused``) is separate and is a large win."""
 
     def __post_init__(self) -> None:
         if self.kernels not in ("auto", "on", "off"):

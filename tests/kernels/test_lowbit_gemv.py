@@ -244,6 +244,22 @@ def test_kernel_cuda_real_shapes(layout, n, k, b) -> None:
 
 
 @pytest.mark.needs_cuda
+def test_kernel_cuda_autotuned(monkeypatch) -> None:
+    """The autotuned launch (the tests around run DEFAULT_GPU_CONFIG: LOWBIT_AUTOTUNE=0, conftest) at one shape."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    _, packed, scale, zero = _weights("ternary", 3072, 2048, seed=3)
+    packed, scale = packed.cuda(), scale.cuda()
+    tuned = lg._kernels(False).tuned(4)  # 2-bit storage: 4 codes per byte
+    before = len(tuned.cache)
+    x = _x(1, 2048, torch.bfloat16, device="cuda")
+    got = lowbit_gemv(x, packed, scale, storage="2bit", zero=zero, backend="triton")
+    _assert_within_ref_error(got.cpu(), x.cpu(), packed.cpu(), scale.cpu(), None, "2bit", zero, interpreted=False)
+    assert len(tuned.cache) == before + 1
+
+
+@pytest.mark.needs_cuda
 def test_packed_linear_hook_cuda_graph() -> None:
     """The hook inside a CUDA graph (as generate replays it), bf16 autocast, equals the eager torch path."""
     from lowbit.export.packed import PackedLinear
@@ -256,7 +272,7 @@ def test_packed_linear_hook_cuda_graph() -> None:
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     want = layer.reference_forward(x)
     layer.kernel = lg.packed_linear_kernel
-    layer(x)  # autotune outside the capture
+    layer(x)  # compile (or autotune) outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = layer(x)

@@ -222,3 +222,25 @@ def test_cuda_real_shapes(grid, m, n, k) -> None:
         got = packed_dequant_mm(g, packed, sb, bits=bits, qmin=qmin, k=k, backend="triton")
         tol = (2**-7 if dtype == torch.bfloat16 else 1e-5) * truth.abs() + 1e-4 * truth.abs().max()
         assert ((got.double() - truth).abs() <= tol).all()
+
+
+@pytest.mark.needs_cuda
+def test_cuda_autotuned(monkeypatch) -> None:
+    """The autotuned launch (the tests above run DEFAULT_GPU_CONFIG: LOWBIT_AUTOTUNE=0, conftest), both kernels
+    at one shape."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    bits, qmin, _ = GRIDS["ternary"]
+    m, n, k = 384, 2048, 3000
+    a, codes, packed, sa, sb, _ = _operands("ternary", m, n, k, seed=1, device="cuda")
+    kern = pm._kernels(False)
+    tuned_before = len(kern.fwd_tuned.cache), len(kern.bwd_tuned.cache)
+    got = packed_scaled_mm(a, packed, sa, sb, None, torch.float32, bits=bits, qmin=qmin, backend="triton")
+    assert torch.equal(got, scaled_mm_ref(a, codes, sa, sb, None, torch.float32))
+    g = torch.randn(m, n, device="cuda").bfloat16()
+    w = (codes.float() * sb[:, None]).bfloat16()
+    truth = g.double() @ w.double()
+    got = packed_dequant_mm(g, packed, sb, bits=bits, qmin=qmin, k=k, backend="triton")
+    assert ((got.double() - truth).abs() <= 2**-7 * truth.abs() + 1e-4 * truth.abs().max()).all()
+    assert (len(kern.fwd_tuned.cache), len(kern.bwd_tuned.cache)) == (tuned_before[0] + 1, tuned_before[1] + 1)

@@ -109,6 +109,18 @@ def test_int8_weight_operand(tmp_path) -> None:
     torch.testing.assert_close(cw.float() * sw[:, None], layer.weight_values(), rtol=0, atol=0)
 
 
+def test_weight_cache_with_inference_tensors(tmp_path) -> None:
+    # codes set under torch.inference_mode (a model loaded for generation) have no version counter: the cache
+    # is keyed without it and still hits
+    model = _tiny_packed("bitnet-b1.58", tmp_path)
+    layer = _layers(model)[0][1]
+    with torch.inference_mode():
+        layer.set_codes(layer.weight_codes(), layer.scale.clone())
+    assert layer.codes.is_inference()
+    cw, _ = pp.prefill_weight(layer, "int8")
+    assert pp.prefill_weight(layer, "int8")[0] is cw and torch.equal(cw, layer.weight_codes())
+
+
 def test_supports_and_fallbacks() -> None:
     from lowbit.export.packed import PackedLinear
     from lowbit.quant.recipes import get_recipe

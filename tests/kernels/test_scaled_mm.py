@@ -287,6 +287,22 @@ def test_gpu_fp8_exact_at_real_shapes(m, n, k, backend):
 
 
 @pytest.mark.needs_cuda
+def test_gpu_autotuned(monkeypatch):
+    # the autotuned launch (the other tests run DEFAULT_GPU_CONFIG: LOWBIT_AUTOTUNE=0, conftest) at one shape,
+    # FP8 with the default promotion (pruned configs) and INT8 (all configs)
+    if not sm.has_triton():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    tuned = sm._kernels(False).tuned
+    before = len(tuned.cache)
+    for dtype in (FP8, torch.int8):
+        a, b, sa, sb, _ = operands(777, 1536, 640, dtype, device="cuda", seed=3)  # a shape no other test tunes
+        y = scaled_mm(a, b, sa, sb, None, torch.bfloat16, backend="triton")
+        assert torch.equal(y, scaled_mm_ref(a, b, sa, sb, None, torch.bfloat16))
+    assert len(tuned.cache) == before + 2
+
+
+@pytest.mark.needs_cuda
 @pytest.mark.parametrize("m,n,k", REAL[:2])
 def test_gpu_int8_exact_at_real_shapes(m, n, k):
     if not sm.has_triton():

@@ -228,7 +228,7 @@ def test_compiles_with_the_kernel_path(recipe):
 
 
 def test_config():
-    assert QuantConfig().kernels == "auto"
+    assert QuantConfig().kernels == "off"
     with pytest.raises(ConfigError, match="quant.kernels"):
         QuantConfig(kernels="yes")
     with pytest.raises(ConfigError, match="CUDA"):

@@ -113,6 +113,36 @@ def test_quantized_recipe_resumes_exactly_and_restores_recipe(tmp_path, tiny_cor
     assert any(k.startswith("act_masked/") for k in evals[-1])  # trust-estimator diagnostics are logged
 
 
+def test_statistics_recorded_only_for_the_report(tmp_path, tiny_corpus, make_cfg, monkeypatch):
+    # training steps run with the layers' statistics off (set_track_stats: a cost on the fused-kernel path); the
+    # eval-time diagnostics come from one extra no-grad forward of the last batch with them on, and equal what
+    # that batch's statistics are
+    from lowbit.nn import QuantLinear, quant_diagnostics, set_track_stats
+
+    seen = []
+    orig = QuantLinear.forward
+
+    def spy(self, x):
+        seen.append((torch.is_grad_enabled(), self.track_stats))
+        return orig(self, x)
+
+    monkeypatch.setattr(QuantLinear, "forward", spy)
+    over = {"quant.recipe": "quest-w4a4", "train.steps": 3, "train.eval_every": 3}
+    t = Trainer(make_cfg(tmp_path, tiny_corpus, "a", **over))
+    t.fit()
+    train_calls = [on for grad, on in seen if grad]
+    stats_calls = [on for grad, on in seen if not grad and on]
+    assert train_calls and not any(train_calls)  # no training forward recorded statistics
+    assert len(stats_calls) == 7 * 2  # one recording forward: every quantized layer once
+    assert not any(m.track_stats for m in t.model.modules() if isinstance(m, QuantLinear))  # off again
+    logged = read_log(tmp_path / "a", "eval")[-1]
+    set_track_stats(t.model, True)
+    with torch.no_grad():
+        t.model(*t._last_batch)
+    expect = quant_diagnostics(t.model)
+    assert {k: logged[k] for k in expect} == pytest.approx(expect)
+
+
 def test_ptq_convert_and_report(tmp_path, tiny_corpus, capsys, make_cfg):
     from lowbit.cli import main
     from lowbit.runs import load_run

@@ -137,6 +137,28 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
+    """Regional compilation: ``torch.compile`` each block of ``model`` on its own, in place (``Module.compile``:
+    no wrapper module, parameter names unchanged). Every block runs the same code, so dynamo traces one block
+    and all the others reuse its graph: the compile time is that of one layer, not of the unrolled model.
+    ``compile_kwargs`` go to ``torch.compile`` (``mode=...``). What ``train.compile_scope="block"`` and every
+    parallel run (:func:`parallelize`) compile."""
+    for b in blocks(model):
+        b.compile(**compile_kwargs)
+
+
+def compile_model(model: nn.Module, scope: str = "model", **compile_kwargs) -> nn.Module:
+    """``torch.compile`` ``model`` as ``train.compile_scope`` says and return what the training step calls:
+    "model" → ``torch.compile(model)`` (a wrapper; ``model`` itself stays eager), "block" →
+    :func:`compile_blocks` (in place; returns ``model``)."""
+    if scope == "model":
+        return torch.compile(model, **compile_kwargs)  # type: ignore[return-value]
+    if scope == "block":
+        compile_blocks(model, **compile_kwargs)
+        return model
+    raise ConfigError(f"compile scope {scope!r} is not one of ['model', 'block']")
+
+
 def _checkpointed_forward(block: nn.Module) -> None:
     """Recompute ``block``'s forward in backward (non-reentrant torch.utils.checkpoint) without wrapping it in
     another module, so parameter names stay as they are."""
@@ -219,11 +241,11 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torc
     """Apply activation checkpointing, per-block compile and DDP / FSDP2 to ``model`` (in place where the
     method allows). Returns what the training step calls: the DDP wrapper, or ``model`` itself (FSDP2 and
     the DQT-only case). Build the optimizer *after* this: FSDP2 replaces the parameters by sharded DTensors."""
-    for b in blocks(model):
-        if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing:
+        for b in blocks(model):
             _checkpointed_forward(b)
-        if cfg.compile:
-            b.compile()
+    if cfg.compile:  # per block whatever train.compile_scope says (it picks the single-process scope)
+        compile_blocks(model)
     if cfg.parallel == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 

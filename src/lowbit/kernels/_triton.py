@@ -4,6 +4,12 @@ of the module's kernel functions into a namespace of their own.
 Kernel modules define their ``@triton.jit`` bodies as plain functions (importing the module imports no Triton)
 and call :func:`jit_namespace` on first use. The namespace binds ``triton``/``tl`` to the real modules of the
 mode fixed when Triton was first imported (interpreter or compiler), so the same source serves both.
+
+**Autotuning switch.** The GEMM kernels (scaled_mm, packed_mm, lowbit_gemv) are ``triton.autotune``-d over their
+``GPU_CONFIGS`` on a GPU, keyed by shape: every new shape compiles and benchmarks every config. The environment
+variable ``LOWBIT_AUTOTUNE`` (default ``"1"``, read at each launch) set to ``"0"`` launches them with one fixed
+configuration instead, each module's ``DEFAULT_GPU_CONFIG`` (tests: one compile per kernel variant, no
+benchmarking); :func:`launch_config` is the one place that decides.
 """
 
 from __future__ import annotations
@@ -15,10 +21,48 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+#: Environment variable: "0" (or false/no/off) turns the GEMM kernels' autotuner off (module docstring).
+AUTOTUNE_ENV = "LOWBIT_AUTOTUNE"
+
 
 def interpreting() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (it must be set before triton's import)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def autotune_enabled() -> bool:
+    """Whether ``LOWBIT_AUTOTUNE`` (default "1") lets the GEMM kernels autotune on a GPU; read at every launch."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def launch_config(config: Mapping[str, Any] | None, interpret: bool, interpret_config: Mapping[str, Any],
+                  default_gpu_config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The one configuration a kernel launch uses — a fresh dict the caller may pop from — or None for the
+    autotuner: an explicit ``config`` first, ``interpret_config`` under TRITON_INTERPRET=1, ``default_gpu_config``
+    when ``LOWBIT_AUTOTUNE=0``; otherwise (a GPU, autotuning on) None."""
+    if config is None:
+        if interpret:
+            config = interpret_config
+        elif not autotune_enabled():
+            config = default_gpu_config
+        else:
+            return None
+    return dict(config)
+
+
+def direct_call(t: Any) -> bool:
+    """Whether a public kernel entry point may call its implementation directly instead of through its
+    ``torch.library`` custom op: eager (not traced by torch.compile) on a real CUDA tensor. The op exists for
+    torch.compile (opaque to it, with a fake implementation for shapes); in eager mode its dispatch is host time
+    only — tens of µs per call, and a fused layer makes five such calls per step (docs/results.md §6: the kernel
+    path is host-bound). Fake tensors, CPU tensors and traced calls keep the op."""
+    import torch
+
+    if not getattr(t, "is_cuda", False) or torch.compiler.is_compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
 
 
 @functools.cache

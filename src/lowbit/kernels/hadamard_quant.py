@@ -73,9 +73,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.kernels._triton import direct_call, jit_namespace
 from lowbit.kernels._triton import has_triton as _triton_available
 from lowbit.kernels._triton import interpreting as _interpreting
-from lowbit.kernels._triton import jit_namespace
 from lowbit.quant.core import quantize
 from lowbit.quant.gaussian import REFERENCE_ALPHA
 from lowbit.quant.grids import n_levels
@@ -621,16 +621,18 @@ def _use_triton(t: torch.Tensor, backend: str) -> bool:
     return os.environ.get(FORCE_ENV, "0") == "1" and _interpreting()
 
 
-@torch.library.custom_op(
+def _hadamard_quantize_impl(x, bits, block, trust, out, alpha, backend):
+    alpha = "optimal" if alpha is None else alpha
+    fn = hadamard_quantize_triton if _use_triton(x, backend) else hadamard_quantize_ref
+    return fn(x, bits, block, trust=trust, out=out, alpha=alpha)
+
+
+_hadamard_quantize_op = torch.library.custom_op(
     "lowbit::hadamard_quantize",
     mutates_args=(),
     schema="(Tensor x, float bits, int block, float? trust, str out, float? alpha, str backend) "
     "-> (Tensor, Tensor, Tensor)",
-)
-def _hadamard_quantize_op(x, bits, block, trust, out, alpha, backend):
-    alpha = "optimal" if alpha is None else alpha
-    fn = hadamard_quantize_triton if _use_triton(x, backend) else hadamard_quantize_ref
-    return fn(x, bits, block, trust=trust, out=out, alpha=alpha)
+)(_hadamard_quantize_impl)
 
 
 @_hadamard_quantize_op.register_fake
@@ -644,15 +646,17 @@ def _(x, bits, block, trust, out, alpha, backend):
     )
 
 
-@torch.library.custom_op(
-    "lowbit::masked_inverse_hadamard",
-    mutates_args=(),
-    schema="(Tensor grad, Tensor mask_bits, int block, str backend) -> Tensor",
-)
-def _masked_inverse_hadamard_op(grad, mask_bits, block, backend):
+def _masked_inverse_hadamard_impl(grad, mask_bits, block, backend):
     if _use_triton(grad, backend):
         return masked_inverse_hadamard_triton(grad, mask_bits, block)
     return masked_inverse_hadamard_ref(grad, mask_bits, block)
+
+
+_masked_inverse_hadamard_op = torch.library.custom_op(
+    "lowbit::masked_inverse_hadamard",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor mask_bits, int block, str backend) -> Tensor",
+)(_masked_inverse_hadamard_impl)
 
 
 @_masked_inverse_hadamard_op.register_fake
@@ -716,7 +720,8 @@ def hadamard_quantize(
     module docstring for the formats (dequantized = ``codes * scale[..., None]``; mask bit-packed along K,
     little-endian). No gradient (use :func:`quest_fake_quant`). ``backend``: auto | triton | ref."""
     _check(x, bits, block, out, trust)
-    return _hadamard_quantize_op(x, float(bits), block, trust, out, _alpha_option(bits, alpha), backend)
+    fn = _hadamard_quantize_impl if direct_call(x) else _hadamard_quantize_op
+    return fn(x, float(bits), block, trust, out, _alpha_option(bits, alpha), backend)
 
 
 def masked_inverse_hadamard(
@@ -725,7 +730,8 @@ def masked_inverse_hadamard(
     """Hᵀ(M ⊙ grad) (…, K) in grad's dtype: the QuEST trust gradient with respect to the un-rotated input,
     from the gradient of the rotated quantized tensor and the packed mask of :func:`hadamard_quantize`."""
     _check_mask(grad, mask_bits, block)
-    return _masked_inverse_hadamard_op(grad, mask_bits, block, backend)
+    fn = _masked_inverse_hadamard_impl if direct_call(grad) else _masked_inverse_hadamard_op
+    return fn(grad, mask_bits, block, backend)
 
 
 def quest_fake_quant(

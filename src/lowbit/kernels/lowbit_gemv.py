@@ -36,8 +36,9 @@ Bias is added in float32 in the epilogue (SPLIT_K = 1) or after the reduction.
 
 **Configurations.** On a GPU the kernel is autotuned over :data:`GPU_CONFIGS` (BLOCK_N 64–256, BLOCK_K
 128–512 codes, SPLIT_K 1–16, 4–8 warps, 2–4 stages; H100-oriented, see the benchmark
-``benchmarks/bench_decode.py``); keyed by (B, N, K, layout), and by dtypes. Under ``TRITON_INTERPRET=1`` (the
-CPU tests) it runs :data:`INTERPRET_CONFIG`, small blocks with SPLIT_K = 2. The interpreter's bf16 arithmetic
+``benchmarks/bench_decode.py``); keyed by (B, N, K, layout), and by dtypes; ``LOWBIT_AUTOTUNE=0`` (the kernel
+tests) runs :data:`DEFAULT_GPU_CONFIG` instead. Under ``TRITON_INTERPRET=1`` (the CPU tests) it runs
+:data:`INTERPRET_CONFIG`, small blocks with SPLIT_K = 2. The interpreter's bf16 arithmetic
 is wrong (it truncates), so there the dot runs in float32 on the loaded-and-converted operands; the compiled
 kernel's bf16/fp16 dot is checked by the ``needs_cuda`` tests.
 
@@ -56,7 +57,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import has_triton, interpreting, jit_namespace
+from lowbit.kernels._triton import has_triton, interpreting, jit_namespace, launch_config
 from lowbit.quant.packing import unpack, unpack_base3
 
 __all__ = [
@@ -180,6 +181,11 @@ GPU_CONFIGS = (
     (256, 128, 2, 8, 3),
     (256, 256, 1, 8, 2),
 )
+#: The one GPU configuration with LOWBIT_AUTOTUNE=0: GPU_CONFIGS' (64, 128, 8, 4, 4), small blocks that fill the
+#: SMs at any N through split-K (and exercise its reduction); of the middle entries it leaves shared memory the
+#: most room (≤ 158 KB of 227 for every storage, dtype, batch and grouping in the sm_90a compile; (64, 256, 2)
+#: needs 224 KB for grouped int8 × fp32).
+DEFAULT_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4}
 
 
 def _to_float(u, zero):
@@ -302,8 +308,8 @@ def _kernels(interpret: bool) -> _Kernels:
 
 def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                         storage: str, zero: float, deterministic: bool, config: dict | None = None) -> torch.Tensor:
-    """Launch on x (B, K): autotuned on a GPU; ``config`` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) or
-    :data:`INTERPRET_CONFIG` under the interpreter."""
+    """Launch on x (B, K): autotuned on a GPU; ``config`` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages),
+    :data:`INTERPRET_CONFIG` under the interpreter, or :data:`DEFAULT_GPU_CONFIG` with ``LOWBIT_AUTOTUNE=0``."""
     interpret = interpreting()
     if not interpret and not x.is_cuda:
         raise RuntimeError("lowbit_gemv backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
@@ -336,7 +342,8 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
                  USE_DOT=use_dot, DOT_F32=interpret or x.dtype == torch.float32 or grouped, ATOMIC=atomic,
                  BLOCK_B=BLOCK_B if use_dot else 1)
     nb = -(-b // flags["BLOCK_B"])
-    if config is None and not interpret:
+    cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
+    if cfg is None:
         def grid(meta: dict) -> tuple[int, int, int]:
             return (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"], nb)
 
@@ -344,7 +351,6 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
         tuned[grid](*args, **flags)
         split = tuned.best_config.kwargs["SPLIT_K"]
     else:
-        cfg = dict(INTERPRET_CONFIG if config is None else config)
         nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
         split = cfg["SPLIT_K"]
         cfg["BLOCK_KB"] = max(16, cfg.pop("BLOCK_K") // kb_div)  # tl.dot takes K ≥ 16 (1-bit: 128 codes)

@@ -27,7 +27,8 @@ output (M, K) is G's dtype. Differences from the torch path are only the float32
 
 Both kernels use plain masked pointer loads (no TMA: packed rows of odd K are not 16-byte aligned) and
 scaled_mm's grouped tile order, one program per output tile; on a GPU they are autotuned over
-:data:`GPU_CONFIGS`, under ``TRITON_INTERPRET=1`` (CPU tests) run with :data:`INTERPRET_CONFIG`.
+:data:`GPU_CONFIGS` — or, with ``LOWBIT_AUTOTUNE=0`` (the kernel tests), run :data:`DEFAULT_GPU_CONFIG` —, under
+``TRITON_INTERPRET=1`` (CPU tests) run with :data:`INTERPRET_CONFIG`.
 
 Backends (``backend=``): ``"triton"`` (these kernels), ``"torch"`` (unpack in torch, then scaled_mm's torch
 backend / a torch matmul: the dequantized weight *is* materialised), ``"ref"`` (unpack + scaled_mm_ref /
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import has_triton, interpreting, jit_namespace
+from lowbit.kernels._triton import has_triton, interpreting, jit_namespace, launch_config
 from lowbit.kernels.scaled_mm import OUT_DTYPES, _epilogue, _tile_coords, scaled_mm, scaled_mm_ref
 from lowbit.quant.packing import unpack
 
@@ -67,6 +68,10 @@ GPU_CONFIGS = (
     (128, 128, 64, 5, 4),
     (64, 64, 128, 4, 4),
 )
+#: The one GPU configuration with LOWBIT_AUTOTUNE=0: GPU_CONFIGS' (64, 128, 128, 4, 4), a middle tile whose
+#: pipelined operands fit shared memory for both kernels and every G dtype (float32 G: 162 KB in the sm_90a
+#: compile); (128, 128, 128, 4, 8) needs 258 KB there, over the H100's 227 KB, and only the autotuner skips it.
+DEFAULT_GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_stages": 4, "num_warps": 4}
 
 
 def _check_packed(b_packed: torch.Tensor, k: int, bits: int, qmin: int, n_scale: torch.Tensor, name: str) -> None:
@@ -250,14 +255,14 @@ def _kernels(interpret: bool) -> _Kernels:
 
 
 def _launch(kern_fixed, kern_tuned, cdiv, rows: int, cols_key: str, cols: int, args: tuple, flags: dict,
-            config: dict | None, on_cpu: bool) -> None:
-    if config is None and not on_cpu:
+            config: dict | None, interpret: bool) -> None:
+    cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
+    if cfg is None:
         def grid(meta: dict) -> tuple[int]:
             return (cdiv(rows, meta["BLOCK_M"]) * cdiv(cols, meta[cols_key]),)
 
         kern_tuned[grid](*args, **flags)
         return
-    cfg = dict(INTERPRET_CONFIG if config is None else config)
     num_warps, num_stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
     grid = (cdiv(rows, cfg["BLOCK_M"]) * cdiv(cols, cfg[cols_key]),)
     kern_fixed[grid](*args, **flags, **cfg, num_warps=num_warps, num_stages=num_stages)

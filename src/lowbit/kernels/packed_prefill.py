@@ -34,6 +34,9 @@ Not supported (→ ``reference_forward``): weight-only layers (A16: nothing to q
 learned activation steps (LSQ/PACT), grouped weight steps, 8-bit centered grids, Hadamard blocks that do not
 divide K, K not a multiple of 16, and QuEST activation specs other than ``quest_spec(bits)`` with the layer's
 block, trust and α.
+
+The GEMM is scaled_mm's autotuned Triton kernel; ``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs it with its one
+``DEFAULT_GPU_CONFIG`` instead (:mod:`lowbit.kernels._triton`).
 """
 
 from __future__ import annotations
@@ -140,11 +143,17 @@ def _build_weight(layer, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return w.contiguous(), step.contiguous()
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter of ``t``; inference tensors (made under torch.inference_mode, as a model
+    loaded for generation may be) have none: -1, the data pointer alone keys them."""
+    return -1 if t.is_inference() else t._version
+
+
 def prefill_weight(layer, fmt: str, *, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes (N, K) in ``fmt`` — float8_e4m3fn grid values c + o, or int8 (c + o)·mul —, float32 step per row
     (N,)) of ``layer``'s weight, value = codes·step; cached on the layer with ``cache`` (module docstring)."""
-    key = (fmt, layer.codes.device, layer.codes.data_ptr(), layer.codes._version, layer.scale.data_ptr(),
-           layer.scale._version)
+    key = (fmt, layer.codes.device, layer.codes.data_ptr(), _version(layer.codes), layer.scale.data_ptr(),
+           _version(layer.scale))
     hit = layer.__dict__.get(_CACHE_ATTR)
     if hit is not None and hit[0] == key:
         return hit[1]

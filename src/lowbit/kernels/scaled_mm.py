@@ -43,7 +43,9 @@ loads/stores (UTMALDG/UTMASTG).
 Backends (``backend=``): ``"triton"`` (the persistent TMA kernel below), ``"torch"`` (``torch._scaled_mm``
 with row-wise scales for FP8, ``torch._int_mm`` + a torch epilogue for INT8), ``"ref"``; ``"auto"`` picks
 triton on a CUDA device of compute capability ≥ 9.0 with Triton installed, torch on other CUDA devices, and
-the reference on CPU. Under ``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (tests).
+the reference on CPU. Under ``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (tests). On a
+GPU the kernel is autotuned over :data:`GPU_CONFIGS`; ``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs
+:data:`DEFAULT_GPU_CONFIG` instead.
 
 **Layout and limits.** Row-major ``a`` (M, K), ``b`` (N, K); K must be a multiple of 16 (TMA rows are
 16-byte aligned; FP8 MMAs take K in steps of 32, the kernel zero-fills the last block). M and N are free:
@@ -75,7 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import has_triton, jit_namespace
+from lowbit.kernels._triton import direct_call, has_triton, jit_namespace, launch_config
 from lowbit.kernels._triton import interpreting as _interpreting
 
 __all__ = ["scaled_mm", "scaled_mm_ref", "has_triton", "CODE_DTYPES", "BACKENDS"]
@@ -163,6 +165,12 @@ GPU_CONFIGS = (
     (256, 128, 128, 3, 8, False),
     (128, 128, 128, 4, 4, False),
 )
+#: The one GPU configuration with LOWBIT_AUTOTUNE=0: GPU_CONFIGS' first, 128×128×128, 4 stages, 8 warps, no
+#: subtiling — the tile that :func:`_prune` keeps under FP8 promotion (the default), spill-free with and without
+#: promotion, FP8 and INT8, and 4 × 32 KB of operand stages + a float32 C tile (64 KB) fit shared memory for
+#: every output dtype (192 KB of 227 in the sm_90a compile).
+DEFAULT_GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SUBTILE": False,
+                      "num_stages": 4, "num_warps": 8}
 
 
 # The Triton source: plain functions, turned into ``triton.jit`` functions by :func:`_kernels` once per interpret
@@ -299,7 +307,8 @@ _JIT_FUNCTIONS = ("_tile_coords", "_epilogue", "_scaled_mm_kernel")
 
 
 def _set_block_shapes(nargs: dict) -> None:
-    # autotune pre-hook: the host-side TMA descriptors take the block shape of the config being run
+    # autotune pre-hook (and the fixed-config launch): the host-side TMA descriptors take the block shape of the
+    # config being run
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk]
@@ -370,8 +379,8 @@ def _scaled_mm_triton(
     config: dict | None = None,
 ) -> torch.Tensor:
     """Launch the Triton kernel: autotuned over :data:`GPU_CONFIGS` on a GPU; with ``config`` (a dict of the
-    kernel's meta-parameters plus optional ``num_warps``, ``num_stages``, ``NUM_SMS``), or
-    :data:`INTERPRET_CONFIG` under the interpreter, that one configuration."""
+    kernel's meta-parameters plus optional ``num_warps``, ``num_stages``, ``NUM_SMS``), :data:`INTERPRET_CONFIG`
+    under the interpreter, or :data:`DEFAULT_GPU_CONFIG` with ``LOWBIT_AUTOTUNE=0``, that one configuration."""
     interpret = _interpreting()
     if not interpret and not a.is_cuda:
         raise RuntimeError(
@@ -396,22 +405,20 @@ def _scaled_mm_triton(
     bias_arg = bias.contiguous() if bias is not None else a_scale  # any pointer; never read without bias
     args = (a_desc, b_desc, c, a_scale, b_scale, bias_arg, m, n, k, out.stride(0))
     flags = dict(HAS_BIAS=bias is not None, C_IS_DESC=c_is_desc, IS_INT=is_int, OUT_BYTES=out.element_size())
-    if config is None and not interpret:
+    cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
+    sms = cfg.pop("NUM_SMS", None) if cfg is not None else None  # a persistent grid of this many programs
+    if not sms:
         sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
-
+    if cfg is None:
         def grid(meta: dict) -> tuple[int]:
             return (min(sms, cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])),)
 
         # Triton requires max_num_imprecise_acc ≤ the dot's K: every GPU config has BLOCK_K = 128
         kern.tuned[grid](*args, **flags, PROMOTE=0 if is_int else min(promote, 128), NUM_SMS=sms)
         return out
-    cfg = dict(INTERPRET_CONFIG if config is None else config)
     num_warps, num_stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
-    sms = cfg.pop("NUM_SMS", None) or _num_sms(a.device.index or 0)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    a_desc.block_shape, b_desc.block_shape = [bm, bk], [bn, bk]
-    if c_is_desc:
-        c.block_shape = [bm, bn // 2 if cfg["SUBTILE"] else bn]
+    _set_block_shapes(dict(cfg, a_desc=a_desc, b_desc=b_desc, c=c, C_IS_DESC=c_is_desc))
     grid = (min(sms, cdiv(m, bm) * cdiv(n, bn)),)
     kern.kernel[grid](
         *args,
@@ -480,13 +487,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-@torch.library.custom_op(
-    "lowbit::scaled_mm",
-    mutates_args=(),
-    schema="(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype, str backend, "
-    "int promote) -> Tensor",
-)
-def _scaled_mm_op(
+def _scaled_mm_impl(
     a: torch.Tensor,
     b: torch.Tensor,
     a_scale: torch.Tensor,
@@ -502,6 +503,14 @@ def _scaled_mm_op(
     if which == "torch":
         return _scaled_mm_torch(a, b, a_scale, b_scale, bias, out_dtype)
     return scaled_mm_ref(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+_scaled_mm_op = torch.library.custom_op(
+    "lowbit::scaled_mm",
+    mutates_args=(),
+    schema="(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype, str backend, "
+    "int promote) -> Tensor",
+)(_scaled_mm_impl)
 
 
 @_scaled_mm_op.register_fake
@@ -538,4 +547,5 @@ def scaled_mm(
         )
     if promote < 0 or promote % 32:
         raise ValueError(f"scaled_mm: promote must be 0 or a positive multiple of 32, got {promote}")
-    return _scaled_mm_op(a, b, a_scale, b_scale, bias, out_dtype, backend, promote)
+    fn = _scaled_mm_impl if direct_call(a) else _scaled_mm_op  # eager on CUDA: no dispatcher (_triton.direct_call)
+    return fn(a, b, a_scale, b_scale, bias, out_dtype, backend, promote)

@@ -5,7 +5,7 @@
     quant_diagnostics(model)                # {"act_masked/layers.0.self_attn.q_proj": 0.0073, …}
 """
 
-from lowbit.nn.convert import DEFAULT_SKIP, DEFAULT_TARGETS, ptq_, quant_diagnostics, quantize_
+from lowbit.nn.convert import DEFAULT_SKIP, DEFAULT_TARGETS, ptq_, quant_diagnostics, quantize_, set_track_stats
 from lowbit.nn.direct import (
     DirectModule,
     DirectQuantEmbedding,
@@ -18,4 +18,4 @@ from lowbit.nn.linear import QuantLinear
 
 __all__ = ["DEFAULT_SKIP", "DEFAULT_TARGETS", "DirectModule", "DirectQuantEmbedding", "DirectQuantLinear",
            "DirectQuantRMSNorm", "QuantLinear", "direct_modules", "ptq_", "quant_diagnostics", "quantize_",
-           "quantize_direct_"]
+           "quantize_direct_", "set_track_stats"]

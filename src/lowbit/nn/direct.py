@@ -331,7 +331,7 @@ class DirectQuantLinear(DirectModule):
             weight_spec.hadamard and act_spec is not None and act_spec.hadamard
             and act_spec.hadamard_block == weight_spec.hadamard_block
         )
-        self.kernels = "auto"  # fast INT8 forward: see lowbit.nn.linear.KERNEL_MODES and set_kernels
+        self.kernels = "off"  # fast INT8 forward: see lowbit.nn.linear.KERNEL_MODES and set_kernels
         self.gemm_backend = self.quant_backend = "auto"
         from lowbit.kernels.bitnet_linear import int8_operand
 

@@ -101,7 +101,7 @@ class QuantLinear(nn.Linear):
             weight_spec is not None and act_spec is not None and weight_spec.hadamard and act_spec.hadamard
             and weight_spec.hadamard_block == act_spec.hadamard_block
         )
-        self.kernels = "auto"  # see KERNEL_MODES and set_kernels
+        self.kernels = "off"  # see KERNEL_MODES and set_kernels
         self.gemm_backend = self.quant_backend = "auto"  # the kernels' backends (tests force "ref" on CPU)
         self._kernel_op: tuple[str, dict] | None | bool = False  # (kind, kwargs) | None, resolved on first use
         self.kernel_op()  # resolved now, outside any torch.compile trace
@@ -228,7 +228,7 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         w = self.weight_spec.short() if self.weight_spec else "-"
         a = self.act_spec.short() if self.act_spec else "-"
-        k = "" if self.kernels == "auto" else f", kernels={self.kernels}"
+        k = "" if self.kernels == "off" else f", kernels={self.kernels}"
         return f"{super().extra_repr()}, weight=[{w}], act=[{a}]{k}"
 
 

@@ -27,6 +27,7 @@ from lowbit.config import ConfigError, RunConfig
 from lowbit.distributed import checkpoint as dist_ckpt
 from lowbit.eval.evaluate import evaluate
 from lowbit.models.llama import flops_per_token, param_counts
+from lowbit.nn import quant_diagnostics, set_track_stats
 from lowbit.runs import autocast_dtype, build_model, resolve_device
 from lowbit.train import checkpoint as ckpt
 from lowbit.train.logger import RunLogger
@@ -48,7 +49,7 @@ class TrainingDiverged(RuntimeError):
 # Fields that may differ between a run and its resumption: they change bookkeeping, never the numbers.
 RESUMABLE_CHANGES = {
     "train.eval_every", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.progress",
-    "train.tensorboard", "train.compile", "train.device", "data.dir",
+    "train.tensorboard", "train.compile", "train.compile_scope", "train.device", "data.dir",
     "dqt.fused",  # fused Triton or torch update: the same function and the same state tensors
     "quant.kernels",  # fused kernels or the torch fake-quant path: the same layer function (float32 rounding)
     "train.parallel", "train.activation_checkpointing", "train.dist_timeout",  # wrapping, not numbers
@@ -130,6 +131,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         self.model = build_model(cfg, self.device, init_weights=self.resume_from is None)
+        set_track_stats(self.model, False)  # recorded only when reported (_diagnostics): off the hot path
+        self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.model.train()
         self.params = param_counts(self.model)  # before wrapping: FSDP2 turns DQT codes into (frozen) Parameters
         if cfg.is_direct:  # DQT weights are codes (buffers): count them as the parameters they stand for
@@ -142,7 +145,9 @@ class Trainer:
         if self.dist.enabled:
             D.wrap_direct_grad_hooks(self.model, self.dist)
         else:
-            self.fwd = torch.compile(self.model) if cfg.train.compile else self.model
+            # train.compile_scope: the whole model ("model") or each block in place ("block"), as parallelize does
+            self.fwd = (D.parallel.compile_model(self.model, cfg.train.compile_scope) if cfg.train.compile
+                        else self.model)
         self.loader = BatchLoader(self.train_shard, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.data.seed,
                                   device=self.device, rank=self.dist.rank, world_size=self.dist.world_size)
         self.step = 0
@@ -180,7 +185,9 @@ class Trainer:
         handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
                    for n, m in self.model.named_modules() if n]
         try:
-            with torch.no_grad(), self._autocast():
+            # eager even where blocks are compiled in place (compile_scope="block", parallel runs): the hooks
+            # would otherwise be traced (graph breaks, recompiles) on a run that is stopping anyway
+            with torch.no_grad(), self._autocast(), torch.compiler.set_stance("force_eager"):
                 self.model(x)
         finally:
             for h in handles:
@@ -203,6 +210,7 @@ class Trainer:
             base = torch.cuda.memory_allocated(self.device)
         for i in range(cfg.grad_accum):
             x, y = next(self.loader)
+            self._last_batch = (x, y)
             counter = count_saved_activations(self.model) if measure_memory else contextlib.nullcontext({})
             with D.grad_sync(self.fwd, i == cfg.grad_accum - 1):  # all-reduce once, after the last micro-batch
                 with counter as saved, self._autocast():
@@ -245,17 +253,24 @@ class Trainer:
         for name, shard in splits:
             if shard is None:
                 continue
-            # every rank evaluates the same windows: eval_batches × the global micro-batch (world × batch_size)
-            r = evaluate(self.model, shard, cfg.batch_size * self.dist.world_size, cfg.seq_len, cfg.eval_batches,
-                         self.device, self.amp_dtype)
+            # every rank evaluates the same windows: eval_batches × the global micro-batch (world × batch_size).
+            # Eager, whatever train.compile says (compile_scope="model" never compiled self.model; blocks compiled
+            # in place would otherwise compile a second, no-grad eval-mode graph: compile time for a few batches)
+            with torch.compiler.set_stance("force_eager"):
+                r = evaluate(self.model, shard, cfg.batch_size * self.dist.world_size, cfg.seq_len,
+                             cfg.eval_batches, self.device, self.amp_dtype)
             out |= {f"{name}_loss": r["loss"], f"{name}_ppl": r["ppl"], f"{name}_bpb": r["bpb"]}
         return out
 
     def _diagnostics(self) -> dict[str, float]:
-        try:
-            from lowbit.nn import quant_diagnostics
-        except ImportError:
-            return {}
+        """quant_diagnostics after one no-grad, eager, train-mode forward of the last training micro-batch with
+        the layers' statistics on (the training steps run without them: set_track_stats in _setup)."""
+        if self._last_batch is not None and set_track_stats(self.model, True):
+            try:
+                with torch.no_grad(), torch.compiler.set_stance("force_eager"), self._autocast():
+                    self.model(*self._last_batch)
+            finally:
+                set_track_stats(self.model, False)
         return quant_diagnostics(self.model)
 
     def save(self) -> Path:
