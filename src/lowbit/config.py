@@ -64,9 +64,18 @@ class ModelConfig:
     """"hf:PATH" to start from a Hugging Face checkpoint (a local LlamaForCausalLM directory): its architecture
     and tokenizer (data.tokenizer) are taken when the config is loaded, its weights before the recipe is
     applied; "" = random init. See lowbit.models.hf_import."""
+    loss_chunk: int = 0
+    """Tokens per chunk of the output layer + cross-entropy in training (0 = all at once). Chunked, the (tokens ×
+    vocab) float32 logits never exist at once: each chunk's logits are made, reduced to its loss sum and
+    recomputed in backward (activation checkpointing), for ~1/3 more lm_head FLOPs. Same loss up to float32
+    summation order; an execution detail that a resume may change. Worth it when tokens × vocab is large (a
+    64×512 batch over a 16k vocab: 2 GiB of float32 logits, plus their gradient)."""
 
     def __post_init__(self) -> None:
         from lowbit.models.llama import SIZES  # local: config must import without torch work
+
+        if self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk={self.loss_chunk}: tokens per chunk, ≥ 0 (0 = no chunking)")
 
         if self.init and (not self.init.startswith("hf:") or not self.init[3:].strip()):
             raise ConfigError(f"model.init={self.init!r}: expected \"hf:PATH\" (a local Hugging Face checkpoint "

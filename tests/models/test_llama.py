@@ -104,3 +104,34 @@ def test_matches_hugging_face_llama():
     x = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 51])
+def test_chunked_loss_equals_the_plain_loss(monkeypatch, chunk):
+    # model.loss_chunk: the same mean cross-entropy and gradients, the logits made a chunk at a time (and
+    # remade in backward); a chunk as large as the batch is the plain path
+    import lowbit.models.llama as L
+
+    torch.manual_seed(0)
+    plain, chunked = Llama(small()), Llama(small(loss_chunk=chunk))
+    chunked.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 97, (3, 17))
+    calls = []
+    orig = L._ce_sum
+    monkeypatch.setattr(L, "_ce_sum", lambda *a: calls.append(a[1].shape[0]) or orig(*a))
+    l0, l1 = plain(x, x), chunked(x, x)
+    l0.backward()
+    l1.backward()
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
+    for (n, p0), p1 in zip(plain.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-5, atol=1e-7, msg=n)
+    n = 3 * 17
+    once = [] if chunk >= n else [min(chunk, n - s) for s in range(0, n, chunk)]
+    assert sorted(calls) == sorted(once * 2)  # forward + the recomputation in backward
+    with torch.no_grad():  # evaluation: no backward to save memory for, the plain path
+        assert chunked(x, x).item() == pytest.approx(l0.item(), rel=1e-6)
+
+
+def test_loss_chunk_config():
+    with pytest.raises(ConfigError, match="loss_chunk"):
+        small(loss_chunk=-1)

@@ -166,10 +166,30 @@ class Llama(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, d)
         for layer, kv in zip(self.layers, kvs, strict=True):
             x = layer(x, cos, sin, kv)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        h = self.norm(x)
         if targets is None:
-            return logits
+            return self.lm_head(h)  # (B, T, V)
+        chunk = self.cfg.loss_chunk
+        if chunk and h.shape[0] * T > chunk and torch.is_grad_enabled():
+            return chunked_cross_entropy(self.lm_head, h.reshape(-1, h.shape[-1]), targets.reshape(-1), chunk)
+        logits = self.lm_head(h)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _ce_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of ``head(h)`` (h (N, d), targets (N,)) over chunks of ``chunk`` rows: each chunk's
+    logits are made and reduced to a loss sum under activation checkpointing, so backward recomputes them and
+    only one chunk's float32 logits exist at a time (ModelConfig.loss_chunk)."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_ce_sum, head, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+    return total / (targets != -100).sum()  # F.cross_entropy's mean: over the targets it does not ignore
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -50,6 +50,7 @@ class TrainingDiverged(RuntimeError):
 RESUMABLE_CHANGES = {
     "train.eval_every", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.progress",
     "train.tensorboard", "train.compile", "train.compile_scope", "train.device", "data.dir",
+    "model.loss_chunk",  # the loss in chunks of tokens: the same sum (float32 order)
     "dqt.fused",  # fused Triton or torch update: the same function and the same state tensors
     "quant.kernels",  # fused kernels or the torch fake-quant path: the same layer function (float32 rounding)
     "train.parallel", "train.activation_checkpointing", "train.dist_timeout",  # wrapping, not numbers
