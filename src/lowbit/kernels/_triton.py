@@ -50,6 +50,14 @@ def launch_config(config: Mapping[str, Any] | None, interpret: bool, interpret_c
     return dict(config)
 
 
+def custom_op(name: str, schema: str, impl: Any) -> Any:
+    """``impl`` registered as the torch.library op ``lowbit::name`` (no mutated arguments); ``impl`` itself stays a
+    plain function, which the public entry points call directly where :func:`direct_call` allows."""
+    import torch
+
+    return torch.library.custom_op(f"lowbit::{name}", mutates_args=(), schema=schema)(impl)
+
+
 def direct_call(t: Any) -> bool:
     """Whether a public kernel entry point may call its implementation directly instead of through its
     ``torch.library`` custom op: eager (not traced by torch.compile) on a real CUDA tensor. The op exists for

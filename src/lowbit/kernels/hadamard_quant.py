@@ -73,7 +73,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import direct_call, jit_namespace
+from lowbit.kernels._triton import custom_op, direct_call, jit_namespace
 from lowbit.kernels._triton import has_triton as _triton_available
 from lowbit.kernels._triton import interpreting as _interpreting
 from lowbit.quant.core import quantize
@@ -627,12 +627,11 @@ def _hadamard_quantize_impl(x, bits, block, trust, out, alpha, backend):
     return fn(x, bits, block, trust=trust, out=out, alpha=alpha)
 
 
-_hadamard_quantize_op = torch.library.custom_op(
-    "lowbit::hadamard_quantize",
-    mutates_args=(),
-    schema="(Tensor x, float bits, int block, float? trust, str out, float? alpha, str backend) "
-    "-> (Tensor, Tensor, Tensor)",
-)(_hadamard_quantize_impl)
+_hadamard_quantize_op = custom_op(
+    "hadamard_quantize",
+    "(Tensor x, float bits, int block, float? trust, str out, float? alpha, str backend) -> (Tensor, Tensor, Tensor)",
+    _hadamard_quantize_impl,
+)
 
 
 @_hadamard_quantize_op.register_fake
@@ -652,11 +651,10 @@ def _masked_inverse_hadamard_impl(grad, mask_bits, block, backend):
     return masked_inverse_hadamard_ref(grad, mask_bits, block)
 
 
-_masked_inverse_hadamard_op = torch.library.custom_op(
-    "lowbit::masked_inverse_hadamard",
-    mutates_args=(),
-    schema="(Tensor grad, Tensor mask_bits, int block, str backend) -> Tensor",
-)(_masked_inverse_hadamard_impl)
+_masked_inverse_hadamard_op = custom_op(
+    "masked_inverse_hadamard", "(Tensor grad, Tensor mask_bits, int block, str backend) -> Tensor",
+    _masked_inverse_hadamard_impl,
+)
 
 
 @_masked_inverse_hadamard_op.register_fake

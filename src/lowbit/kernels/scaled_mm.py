@@ -77,7 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import direct_call, has_triton, jit_namespace, launch_config
+from lowbit.kernels._triton import custom_op, direct_call, has_triton, jit_namespace, launch_config
 from lowbit.kernels._triton import interpreting as _interpreting
 
 __all__ = ["scaled_mm", "scaled_mm_ref", "has_triton", "CODE_DTYPES", "BACKENDS"]
@@ -505,12 +505,12 @@ def _scaled_mm_impl(
     return scaled_mm_ref(a, b, a_scale, b_scale, bias, out_dtype)
 
 
-_scaled_mm_op = torch.library.custom_op(
-    "lowbit::scaled_mm",
-    mutates_args=(),
-    schema="(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype, str backend, "
+_scaled_mm_op = custom_op(
+    "scaled_mm",
+    "(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias, ScalarType out_dtype, str backend, "
     "int promote) -> Tensor",
-)(_scaled_mm_impl)
+    _scaled_mm_impl,
+)
 
 
 @_scaled_mm_op.register_fake
