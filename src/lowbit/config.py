@@ -31,6 +31,9 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: Values of train.compile_mode (torch.compile's modes).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 @dataclass
 class ModelConfig:
     """LLaMA architecture. ``size`` picks a row of :data:`lowbit.models.llama.SIZES`; any field set
@@ -179,6 +182,11 @@ class TrainConfig:
     """"bf16" (fp32 master weights, bf16 autocast), "fp32", or "auto" (bf16 on cuda, fp32 on cpu)."""
     compile: bool = False
     """torch.compile the model (train.compile_scope says how much of it at once)."""
+    compile_mode: str = "default"
+    """torch.compile's mode when train.compile is on: "default", "reduce-overhead" (CUDA graphs: the step replays
+    as recorded kernel launches, which removes Python and launch overhead — the fused-kernel path is host-bound,
+    docs/results.md §6; costs memory for the graphs' static buffers), "max-autotune",
+    "max-autotune-no-cudagraphs". An execution detail: a resume may change it."""
     compile_scope: str = "model"
     """What train.compile compiles in a single-process run: "model" (the default: ``torch.compile`` of the whole
     model, one graph) or "block" (regional compilation, as torchtitan does: each transformer block compiled on
@@ -232,6 +240,8 @@ class TrainConfig:
             raise ConfigError(_unknown("train.schedule", self.schedule, ["cosine", "wsd", "constant"]))
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(_unknown("train.precision", self.precision, ["auto", "bf16", "fp32"]))
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(_unknown("train.compile_mode", self.compile_mode, list(COMPILE_MODES)))
         if self.compile_scope not in ("model", "block"):
             raise ConfigError(_unknown("train.compile_scope", self.compile_scope, ["model", "block"]))
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -137,3 +137,26 @@ def test_parallelize_compiles_through_the_same_helper():
     assert parallelize(model, cfg, DistInfo(), torch.device("cpu")) is model
     assert all(b._compiled_call_impl is not None and "forward" in vars(b) for b in model.layers)
     assert model._compiled_call_impl is None
+
+
+def test_compile_mode_config_and_pass_through(monkeypatch, tmp_path, tiny_corpus, run_config):
+    # train.compile_mode reaches torch.compile (both scopes, and the parallel path's per-block compile)
+    from lowbit.config import TrainConfig
+    from lowbit.distributed import parallel
+
+    assert load_config(None, []).train.compile_mode == "default"
+    with pytest.raises(ConfigError, match=r"train.compile_mode='reduce_overhead' is not one of"):
+        load_config(None, ["train.compile_mode=reduce_overhead"])
+    assert "train.compile_mode" in RESUMABLE_CHANGES
+    assert parallel.compile_options(TrainConfig()) == {}
+    opts = parallel.compile_options(TrainConfig(compile_mode="reduce-overhead"))
+    assert opts == {"mode": "reduce-overhead"}
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    compile_model(torch.nn.Linear(2, 2), "model", **opts)
+    assert seen == [{"mode": "reduce-overhead"}]
+    seen.clear()  # the trainer passes it on
+    over = {"train.steps": 1, "train.eval_every": 0, "train.ckpt_every": 0, "train.compile": True,
+            "train.compile_mode": "max-autotune-no-cudagraphs"}
+    Trainer(run_config(tmp_path / "r", tiny_corpus, tmp_path / "data", **over)).fit()
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}]

@@ -147,6 +147,11 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
         b.compile(**compile_kwargs)
 
 
+def compile_options(cfg: TrainConfig) -> dict:
+    """torch.compile's keyword arguments from the train config (train.compile_mode)."""
+    return {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
+
+
 def compile_model(model: nn.Module, scope: str = "model", **compile_kwargs) -> nn.Module:
     """``torch.compile`` ``model`` as ``train.compile_scope`` says and return what the training step calls:
     "model" → ``torch.compile(model)`` (a wrapper; ``model`` itself stays eager), "block" →
@@ -245,7 +250,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torc
         for b in blocks(model):
             _checkpointed_forward(b)
     if cfg.compile:  # per block whatever train.compile_scope says (it picks the single-process scope)
-        compile_blocks(model)
+        compile_blocks(model, **compile_options(cfg))
     if cfg.parallel == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 

@@ -49,7 +49,7 @@ class TrainingDiverged(RuntimeError):
 # Fields that may differ between a run and its resumption: they change bookkeeping, never the numbers.
 RESUMABLE_CHANGES = {
     "train.eval_every", "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.progress",
-    "train.tensorboard", "train.compile", "train.compile_scope", "train.device", "data.dir",
+    "train.tensorboard", "train.compile", "train.compile_scope", "train.compile_mode", "train.device", "data.dir",
     "model.loss_chunk",  # the loss in chunks of tokens: the same sum (float32 order)
     "dqt.fused",  # fused Triton or torch update: the same function and the same state tensors
     "quant.kernels",  # fused kernels or the torch fake-quant path: the same layer function (float32 rounding)
@@ -147,8 +147,9 @@ class Trainer:
             D.wrap_direct_grad_hooks(self.model, self.dist)
         else:
             # train.compile_scope: the whole model ("model") or each block in place ("block"), as parallelize does
-            self.fwd = (D.parallel.compile_model(self.model, cfg.train.compile_scope) if cfg.train.compile
-                        else self.model)
+            self.fwd = (D.parallel.compile_model(self.model, cfg.train.compile_scope,
+                                                 **D.parallel.compile_options(cfg.train))
+                        if cfg.train.compile else self.model)
         self.loader = BatchLoader(self.train_shard, cfg.train.batch_size, cfg.train.seq_len, seed=cfg.data.seed,
                                   device=self.device, rank=self.dist.rank, world_size=self.dist.world_size)
         self.step = 0
