@@ -179,6 +179,14 @@ def test_split_k_configs_interpreted(interpret) -> None:
                 _assert_within_ref_error(got, x, packed, scale, None, "4bit", zero, interpreted=True)
 
 
+def test_workspace_only_where_split_k_needs_it() -> None:
+    # SPLIT_K = 1 (explicit, or the autotuner's recorded choice): a placeholder, no zeroing memset per call
+    assert lg._workspace(3, 37, True, torch.device("cpu"), 1).numel() == 1
+    ws = lg._workspace(3, 37, True, torch.device("cpu"), None)  # not known yet: zeroed for atomic adds
+    assert ws.shape == (3, 37) and not ws.any()
+    assert lg._workspace(3, 37, False, torch.device("cpu"), 4).shape == (lg.SPLIT_MAX, 3, 37)
+
+
 def _tiny_packed(recipe, tmp_path):
     from lowbit.config import ModelConfig
     from lowbit.export.packed import load_packed, pack_model, save_packed
@@ -257,6 +265,11 @@ def test_kernel_cuda_autotuned(monkeypatch) -> None:
     got = lowbit_gemv(x, packed, scale, storage="2bit", zero=zero, backend="triton")
     _assert_within_ref_error(got.cpu(), x.cpu(), packed.cpu(), scale.cpu(), None, "2bit", zero, interpreted=False)
     assert len(tuned.cache) == before + 1
+    # the choice is recorded; the next call (its workspace sized by it) is right too (atomic split-K sums in any
+    # order, so not necessarily bit-equal)
+    assert lg._TUNED_SPLIT and tuned.best_config.kwargs["SPLIT_K"] in lg._TUNED_SPLIT.values()
+    again = lowbit_gemv(x, packed, scale, storage="2bit", zero=zero, backend="triton")
+    _assert_within_ref_error(again.cpu(), x.cpu(), packed.cpu(), scale.cpu(), None, "2bit", zero, interpreted=False)
 
 
 @pytest.mark.needs_cuda

@@ -180,6 +180,10 @@ GPU_CONFIGS = (
     (128, 128, 16, 4, 4),
     (256, 128, 2, 8, 3),
     (256, 256, 1, 8, 2),
+    # one kernel, no split-K workspace (see _workspace): narrow row tiles give 344–688 programs at N = 11008
+    (32, 512, 1, 4, 3),
+    (16, 512, 1, 4, 3),
+    (32, 1024, 1, 8, 2),
 )
 #: The one GPU configuration with LOWBIT_AUTOTUNE=0: GPU_CONFIGS' (64, 128, 8, 4, 4), small blocks that fill the
 #: SMs at any N through split-K (and exercise its reduction); of the middle entries it leaves shared memory the
@@ -306,6 +310,23 @@ def _kernels(interpret: bool) -> _Kernels:
     return _Kernels(ns["_lowbit_gemv_kernel"], triton)
 
 
+#: SPLIT_K of the autotuner's choice per launch signature, recorded after the first autotuned launch (the
+#: autotuner keeps its choice for the process): a signature tuned to SPLIT_K = 1 gets no zeroed workspace.
+_TUNED_SPLIT: dict[tuple, int] = {}
+
+
+def _workspace(b: int, n: int, atomic: bool, device: torch.device, split: int | None) -> torch.Tensor:
+    """The split-K partial sums' buffer: none (a 1-element placeholder) when the launch is known to run SPLIT_K = 1
+    — the kernel then writes the output itself, and the zeroing memset is one kernel fewer per call, which counts
+    at decode sizes (~20 µs calls); zeroed (b, n) for atomic adds; one (b, n) slice per split otherwise
+    (deterministic: summed in a fixed order). ``split`` None: not known before the autotuner runs."""
+    if split == 1:
+        return torch.empty(1, device=device, dtype=torch.float32)
+    if atomic:
+        return torch.zeros((b, n), device=device, dtype=torch.float32)
+    return torch.empty((SPLIT_MAX, b, n), device=device, dtype=torch.float32)
+
+
 def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                         storage: str, zero: float, deterministic: bool, config: dict | None = None) -> torch.Tensor:
     """Launch on x (B, K): autotuned on a GPU; ``config`` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages),
@@ -330,9 +351,9 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     grouped = groups > 1
     use_dot = b > 1
     atomic = not deterministic
-    # split-K partials: zeroed (atomic) or one slice per split (deterministic, summed below in a fixed order)
-    ws = (torch.zeros((b, n), device=x.device, dtype=torch.float32) if atomic
-          else torch.empty((SPLIT_MAX, b, n), device=x.device, dtype=torch.float32))
+    cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
+    sig = (b, n, k, groups, storage, bias is not None, use_dot, atomic, x.dtype, x.device)
+    ws = _workspace(b, n, atomic, x.device, cfg["SPLIT_K"] if cfg is not None else _TUNED_SPLIT.get(sig))
     args = (x, codes, s, bias if bias is not None else s, out, ws, b, n, k, codes.shape[1], k // groups, zero,
             x.stride(0), codes.stride(0), s.stride(0), s.stride(1), out.stride(0), 0 if atomic else b * n)
     per = _per_byte(storage)
@@ -342,14 +363,13 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
                  USE_DOT=use_dot, DOT_F32=interpret or x.dtype == torch.float32 or grouped, ATOMIC=atomic,
                  BLOCK_B=BLOCK_B if use_dot else 1)
     nb = -(-b // flags["BLOCK_B"])
-    cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
     if cfg is None:
         def grid(meta: dict) -> tuple[int, int, int]:
             return (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"], nb)
 
         tuned = kern.tuned(kb_div)
         tuned[grid](*args, **flags)
-        split = tuned.best_config.kwargs["SPLIT_K"]
+        split = _TUNED_SPLIT[sig] = tuned.best_config.kwargs["SPLIT_K"]
     else:
         nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
         split = cfg["SPLIT_K"]
