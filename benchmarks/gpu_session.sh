@@ -15,11 +15,12 @@
 #   train130    220 s  bench_train.py: $RECIPES at 130m, batch 16 × seq 1024, compiled, kernels on and off
 #   parity      100 s  loss_parity.py: 200 steps kernels on vs off (tiny model, quest-w4a4, bitnet-b1.58, dqt-int8)
 #   train430   rest    the same at 430m (batch 8), only if ≥ 60 s are left of TOTAL (default 580)
+#   train130ro  220 s  bench_train at 130m with CUDA graphs (reduce-overhead) and per-block compile, kernels on/off
 #   gemv_tests   90 s  pytest -m needs_cuda: the decode GEMV and prefill kernels
 #   decode     rest    bench_decode.py (GEMV, end-to-end decode, prefill), only if ≥ 90 s are left
 #
 # PART=train: tests dqt_fused kernels profile train130 parity train430; PART=inference: gemv_tests decode;
-# PART=diag: profile tests dqt_fused gemv_tests decode; PART=all (default): all of them. STEPS="a b" picks
+# PART=diag: profile tests dqt_fused gemv_tests decode; PART=next: tests profile train130ro decode; PART=all (default): all of them. STEPS="a b" picks
 # steps by name; T_<STEP>=seconds overrides a timeout (T_TESTS, T_GEMV, T_TRAIN130, …), TOTAL the whole budget.
 # The ${T_PER_TEST:-90} s per-test timeout needs pytest-timeout (on the GPU image). At the end every output is
 # packed into $OUT/session-$PART.tgz (the device tool brings back few files), with summary.txt beside it.
@@ -57,6 +58,7 @@ case "$PART" in  # which steps run, in order (STEPS="a b c" overrides)
   train) DEFAULT="tests dqt_fused kernels profile train130 parity train430" ;;
   inference) DEFAULT="gemv_tests decode" ;;
   diag) DEFAULT="profile tests dqt_fused gemv_tests decode" ;;
+  next) DEFAULT="tests profile train130ro decode" ;;
   *) DEFAULT="tests dqt_fused kernels profile train130 parity train430 gemv_tests decode" ;;
 esac
 STEPS=${STEPS:-$DEFAULT}
@@ -77,6 +79,10 @@ for s in $STEPS; do
   train130) step train130 "${T_TRAIN130:-220}" $PY benchmarks/bench_train.py --recipes "$RECIPES" --sizes 130m \
       --batch 16 --seq 1024 --vocab 32000 --steps 10 --warmup 3 --kernels on,off \
       --time-budget "${B_TRAIN130:-175}" --out "$OUT/bench_train_130m.md" ;;
+  train130ro) step train130ro "${T_TRAIN130RO:-220}" $PY benchmarks/bench_train.py --recipes "${RECIPES_RO:-bf16,quest-w4a4,bitnet-b1.58,dqt-int8}" \
+      --sizes 130m --batch 16 --seq 1024 --vocab 32000 --steps 10 --warmup 3 --kernels on,off \
+      --compile-scope block --compile-mode reduce-overhead --time-budget "${B_TRAIN130RO:-180}" \
+      --out "$OUT/bench_train_130m_ro_block.md" ;;
   parity) step parity "${T_PARITY:-100}" $PY benchmarks/loss_parity.py --recipes quest-w4a4,bitnet-b1.58,dqt-int8 \
       --steps 200 --out "$OUT/loss_parity" ;;
   train430) if [ "$left" -ge 60 ]; then
