@@ -296,11 +296,40 @@ def bench_hadamard_quant(args: argparse.Namespace) -> list[dict]:
     forward x + codes (1 B) + mask (1/8 B) + scales, backward g + mask + dx; "% copy" is that over the 3.0 TB/s
     memory copy; "vs ref" the speed-up over the eager reference. ``--hq-sweep`` adds the kernels' (block_m,
     num_warps) launch variants."""
+    shapes = SMOKE_HQ if args.smoke else HQ_SHAPES[1:4] if args.quick else HQ_SHAPES
+    return _bandwidth_rows(args, shapes, _hq_variants)
+
+
+@bench("int8_rows")
+def bench_int8_rows(args: argparse.Namespace) -> list[dict]:
+    """The per-row absmax int8 activation quantizer of the INT8 GEMM paths (BitNet b1.58's activations): the
+    fused Triton kernel (lowbit.kernels.int8_rows) against lowbit's quantizer in eager torch, the same codes and
+    steps. GB/s counts x + codes (1 B) + steps; the kernel reads x twice (absmax sweep, then codes)."""
+    shapes = SMOKE_HQ if args.smoke else HQ_SHAPES[1:4]
+    return _bandwidth_rows(args, shapes, _int8_rows_variants)
+
+
+def _int8_rows_variants(args: argparse.Namespace, m: int, k: int, dtype: torch.dtype, device: torch.device) -> list:
+    from lowbit.kernels import int8_rows as ir
+    from lowbit.quant import get_recipe
+
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    spec = get_recipe("bitnet-b1.58").act
+    nbytes = m * k * (x.element_size() + 1) + 4 * m
+    return [("fwd", "reference (eager)", nbytes, lambda: ir.int8_rows_ref(x, spec)),
+            ("fwd", "fused kernel", nbytes, lambda: ir.int8_rows_triton(x, spec))]
+
+
+def _bandwidth_rows(args: argparse.Namespace, shapes: list, variants: Callable) -> list[dict]:
+    """Time every (op, variant) of ``variants(args, m, k, dtype, device)`` at each shape of a memory-bound op:
+    µs, GB/s of the bytes the op must move, % of the memory copy, speed-up over the op's first (reference)
+    variant. A variant that fails (no GPU, no triton) is reported and the others still run."""
     device = torch.device(args.device)
     rows = []
-    for label, m, k, dtype in SMOKE_HQ if args.smoke else HQ_SHAPES[1:4] if args.quick else HQ_SHAPES:
+    for label, m, k, dtype in shapes:
         ref_ms: dict[str, float] = {}
-        for op, name, nbytes, fn in _hq_variants(args, m, k, dtype, device):
+        for op, name, nbytes, fn in variants(args, m, k, dtype, device):
             row = {"shape": label, "M×K": f"{m}×{k}", "dtype": str(dtype).removeprefix("torch."), "op": op}
             row["variant"] = name
             try:

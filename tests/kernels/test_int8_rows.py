@@ -86,3 +86,19 @@ def test_kernel_exact_cuda(m, k, dtype) -> None:
     finally:
         ir.int8_rows_triton = orig
     assert calls
+
+
+def test_bench_kernels_int8_rows_smoke(tmp_path):
+    # the benchmark's CPU logic: the reference row is timed, the kernel row reports why it cannot run here
+    import importlib.util as iu
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
+    spec = iu.spec_from_file_location("bench_kernels_under_test", path)
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.main(["--smoke", "--device", "cpu", "--only", "int8_rows", "--warmup", "1", "--iters", "2",
+                     "--out", str(tmp_path / "bk.md")])
+    rows = [line for line in text.splitlines() if line.startswith("| smoke")]
+    assert len(rows) == 2 and "reference (eager)" in rows[0] and "1.00×" in rows[0]
+    assert "fused kernel" in rows[1] and (tmp_path / "bk.md").exists()
