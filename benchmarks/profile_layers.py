@@ -34,6 +34,7 @@ def variants(m: int, k: int, n: int, device: torch.device) -> tuple[dict[str, Ca
     torch.manual_seed(0)
     gpu = device.type == "cuda"
     back = {} if gpu else {"gemm_backend": "ref", "quant_backend": "ref"}
+    gemm = {} if gpu else {"gemm_backend": "ref"}  # bitnet_linear takes the GEMM backend only
     plain = torch.nn.Linear(k, n, bias=False, device=device)
     qr = get_recipe("quest-w4a4")
     fq = QuantLinear(k, n, bias=False, weight_spec=qr.weight, act_spec=qr.act, device=device)
@@ -42,22 +43,21 @@ def variants(m: int, k: int, n: int, device: torch.device) -> tuple[dict[str, Ca
     qk.track_stats = False
     bw = torch.nn.Parameter(torch.randn(n, k, device=device) * k**-0.5)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-    gemm = {} if gpu else {"gemm_backend": "ref"}
     return {
         "bf16 nn.Linear": plain,
         "QuantLinear quest-w4a4 (fake quant)": fq,
         "quest_linear W4A4 (kernels)": lambda t: quest_linear(t, qk.weight, 4, 4, **back),
-        "QuantLinear quest-w4a4 kernels=on, stats on": _kernel_layer(qk, gpu),
+        "QuantLinear quest-w4a4 kernels=on, stats on": _kernel_layer(qk, back),
         "bitnet_linear (INT8 GEMM fwd)": lambda t: bitnet_linear(t, bw, **gemm),
     }, x
 
 
-def _kernel_layer(layer, gpu: bool):
-    """QuantLinear with the kernels forced on and its statistics tracked, as the trainer runs it."""
+def _kernel_layer(layer, backends: dict):
+    """QuantLinear with the kernels forced on (``backends``: the CPU's reference ones) and its statistics tracked."""
     from lowbit.nn.linear import set_kernels
 
     layer.track_stats = True
-    set_kernels(layer, "on", **({} if gpu else {"gemm_backend": "ref", "quant_backend": "ref"}))
+    set_kernels(layer, "on", **backends)
     return layer
 
 

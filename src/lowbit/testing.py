@@ -50,6 +50,13 @@ def interpreter_numpy_compat() -> None:
     interpreter._lowbit_index_compat = True
 
 
+def interpret_in_process(monkeypatch) -> None:
+    """TRITON_INTERPRET=1 for the rest of a test (pytest's ``monkeypatch``) plus the numpy compat patch: for tests
+    that run a kernel whose triton library is not yet jit-decorated for the other mode (module docstrings)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_numpy_compat()
+
+
 def interpreter_ready() -> bool:
     """TRITON_INTERPRET=1 and triton not yet imported in the other mode (its library is jit-decorated for one
     mode at import, so the variable must be set before anything — torch.compile too — imports triton)."""

@@ -127,10 +127,9 @@ def test_compiles():
 def test_int8_kernel_in_interpreter(monkeypatch):
     # the Triton INT8 GEMM inside the op: the integer sum is exact, so it equals the reference GEMM bit for bit;
     # and the DQT layer's INT8 forward through the same kernel
-    from lowbit.testing import interpreter_numpy_compat
+    from lowbit.testing import interpret_in_process
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    interpreter_numpy_compat()
+    interpret_in_process(monkeypatch)
     layer = layer_for(k=128, n=40)
     x, g = torch.randn(37, 128), torch.randn(37, 40)
     outs = [run(layer, x, g, lambda t, b=b: bitnet_linear(t, layer.weight, gemm_backend=b)) for b in ("ref", "triton")]

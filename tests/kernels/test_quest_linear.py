@@ -205,10 +205,9 @@ def test_stats_compile_without_graph_breaks():
 def test_gemm_kernel_in_interpreter(monkeypatch):
     # the scaled_mm kernel inside the op (the quantizer kernel has its own tests, and needs TRITON_INTERPRET set
     # before triton is first imported): same codes, so the same result bit for bit (float32)
-    from lowbit.testing import interpreter_numpy_compat
+    from lowbit.testing import interpret_in_process
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    interpreter_numpy_compat()
+    interpret_in_process(monkeypatch)
     layer = quest_layer(4, 4, k=256, n=40)
     x = torch.randn(37, 256)
     g = torch.randn(37, 40)

@@ -11,7 +11,7 @@ from lowbit.kernels import dqt_step
 from lowbit.models.llama import Llama
 from lowbit.nn import direct_modules, quantize_direct_
 from lowbit.optim import DirectOptimizer
-from lowbit.testing import interpreter_numpy_compat
+from lowbit.testing import interpret_in_process
 from lowbit.train.optim import build_optimizer
 
 
@@ -20,8 +20,7 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused path on CPU tensors: Triton's interpreter (these tests use the CPU even on a GPU machine)."""
     if not dqt_step.has_triton():
         pytest.skip("triton is not installed (pip install 'lowbit[triton]')")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    interpreter_numpy_compat()  # the trainer test reaches scaled_mm's persistent loop (a runtime loop bound)
+    interpret_in_process(monkeypatch)  # numpy compat: the trainer test reaches scaled_mm's runtime-bound loop
 
 
 def _model(recipe: str = "dqt-int8", seed: int = 0):

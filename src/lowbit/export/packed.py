@@ -526,6 +526,18 @@ def packed_modules(model: nn.Module) -> list[tuple[str, PackedLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
 
 
+def set_kernel(model: nn.Module, supports, kernel, **kwargs) -> int:
+    """Set ``kernel`` (bound to ``kwargs``) as the ``kernel`` hook of every PackedLinear of ``model`` for which
+    ``supports(layer)``; returns how many (the kernels' ``install`` functions)."""
+    import functools
+
+    fn = functools.partial(kernel, **kwargs) if kwargs else kernel
+    layers = [m for _, m in packed_modules(model) if supports(m)]
+    for m in layers:
+        m.kernel = fn
+    return len(layers)
+
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -542,6 +554,7 @@ __all__ = [
     "pack_model",
     "packed_linear_from",
     "packed_modules",
+    "set_kernel",
     "read_metadata",
     "save_packed",
 ]

@@ -58,6 +58,30 @@ def custom_op(name: str, schema: str, impl: Any) -> Any:
     return torch.library.custom_op(f"lowbit::{name}", mutates_args=(), schema=schema)(impl)
 
 
+def on_device(device: Any) -> Any:
+    """Context: make ``device`` the current CUDA device (Triton launches on the current one); a no-op for
+    CPU tensors (the interpreter)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def resolve_backend(backend: str, device: Any, min_capability: tuple[int, int]) -> str:
+    """A GEMM's ``backend="auto"``: the reference on the CPU, the Triton kernel on a CUDA device of at least
+    ``min_capability`` with Triton installed, torch's own op on other GPUs; any other value as given."""
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "ref"
+    import torch
+
+    if has_triton() and torch.cuda.get_device_capability(device) >= min_capability:
+        return "triton"
+    return "torch"
+
+
 def direct_call(t: Any) -> bool:
     """Whether a public kernel entry point may call its implementation directly instead of through its
     ``torch.library`` custom op: eager (not traced by torch.compile) on a real CUDA tensor. The op exists for

@@ -51,7 +51,6 @@ kernels are built on first use, for the compiler or, under ``TRITON_INTERPRET=1`
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import struct
@@ -62,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowbit.kernels._triton import has_triton, jit_namespace
+from lowbit.kernels._triton import has_triton, jit_namespace, on_device
 from lowbit.kernels._triton import interpreting as _interpreting
 from lowbit.optim import blockwise
 from lowbit.quant import QuantSpec, dequantize, quantize
@@ -556,7 +555,7 @@ def counter_uniform_triton(seed: int, step: int, stream: int, index: Tensor) -> 
     idx = index.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty(idx.shape, dtype=torch.float32, device=idx.device)
     block = 1024
-    with torch.cuda.device(idx.device) if idx.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(idx.device):
         _kernels(interpret).noise[(max(1, -(-idx.numel() // block)),)](idx, out, idx.numel(), _i32(k1), _i32(k2),
                                                                         BLOCK=block)  # fmt: skip
     return out.reshape(index.shape)
@@ -629,7 +628,7 @@ def dqt_adamw_step_triton(
                   num_warps=warps, enable_fp_fusion=False)  # fmt: skip
     flips = torch.zeros(n_t, dtype=torch.int64, device=dev)
     h0, goff = h[0], float(info.offset)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with on_device(dev):
         if n_t == 1:
             LAUNCHES["tensor"] += 1
             kern.tensor[(-(-geo[0][3] // tile_bytes),)](

@@ -73,7 +73,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import custom_op, direct_call, jit_namespace
+from lowbit.kernels._triton import custom_op, direct_call, jit_namespace, on_device
 from lowbit.kernels._triton import has_triton as _triton_available
 from lowbit.kernels._triton import interpreting as _interpreting
 from lowbit.quant.core import quantize
@@ -518,10 +518,6 @@ def _launch_kernels(t: torch.Tensor, block: int) -> _Kernels:
     return kern
 
 
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    # Triton launches on the current CUDA device: make it the tensor's
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1])
@@ -558,7 +554,7 @@ def hadamard_quantize_triton(
         code_mul = 2.0 if (out == "int8" and info.offset) else 1.0
         # K is a constexpr: one compilation per (K, dtype, format, …), a handful per model
         bk1 = max(block, min(block_k1, 1 << (k - 1).bit_length()))
-        with _on_device(x):
+        with on_device(x.device):
             kern.fwd[(-(-m // block_m),)](
                 x2, codes.view(torch.uint8) if out == "fp8" else codes, scale, mask,
                 m, x2.stride(0), codes.stride(0), mask.stride(0),
@@ -595,7 +591,7 @@ def masked_inverse_hadamard_triton(
         progs_k = -(-nb // blocks_per_prog)
         bpp = -(-nb // progs_k)  # e.g. 13 blocks, at most 8 → 2 programs of 7 (one masked block), not 8 + 5
         grid = (-(-m // block_m), progs_k)
-        with _on_device(grad):
+        with on_device(grad.device):
             kern.bwd[grid](
                 g2, m2, out, m, k, g2.stride(0), m2.stride(0), out.stride(0), 1.0 / math.sqrt(block),
                 HB=block, BLOCK_M=block_m, BLOCKS_PER_PROG=bpp, SPLIT=_SPLIT[grad.dtype],

@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-from lowbit.kernels._triton import custom_op, direct_call, has_triton, interpreting, jit_namespace
+from lowbit.kernels._triton import custom_op, direct_call, has_triton, interpreting, jit_namespace, on_device
 from lowbit.quant.core import quantize
 from lowbit.quant.spec import QuantSpec
 
@@ -100,27 +100,21 @@ def int8_rows_triton(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     if not supports(spec):
         raise ValueError(f"int8_rows: the kernel does not compute {spec} (see supports()); use backend='ref'")
     k = x.shape[-1]
+    if k == 0:  # no row to sweep: whatever lowbit's quantizer makes of it
+        return int8_rows_ref(x, spec)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     codes = torch.empty((m, k), device=x.device, dtype=torch.int8)
     step = torch.empty((m,), device=x.device, dtype=torch.float32)
-    if m and k:
+    if m:
         info = spec.info
-        with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+        with on_device(x.device):
             _kernel(interpret)[(-(-m // BLOCK_M),)](
                 x2, codes, step, m, k, x2.stride(0), codes.stride(0), float(info.top), float(spec.eps),
                 float(info.qmin), float(info.qmax), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, num_warps=4)
-    elif m:
-        step.fill_(spec.eps / spec.info.top)
     return codes, step
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _use_triton(x: torch.Tensor, spec: QuantSpec, backend: str) -> bool:

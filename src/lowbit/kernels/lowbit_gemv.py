@@ -475,11 +475,6 @@ def packed_linear_kernel(layer, x: torch.Tensor, *, max_rows: int = 64, determin
 def install(model: torch.nn.Module, **kwargs) -> int:
     """Set :func:`packed_linear_kernel` (with ``kwargs``: max_rows, deterministic, backend) as the ``kernel`` of
     every supported PackedLinear of ``model``; returns how many. ``uninstall``: set ``layer.kernel = None``."""
-    from lowbit.export.packed import packed_modules
+    from lowbit.export.packed import set_kernel
 
-    count = 0
-    for _, layer in packed_modules(model):
-        if supports(layer):
-            layer.kernel = functools.partial(packed_linear_kernel, **kwargs) if kwargs else packed_linear_kernel
-            count += 1
-    return count
+    return set_kernel(model, supports, packed_linear_kernel, **kwargs)

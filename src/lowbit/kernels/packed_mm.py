@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import has_triton, interpreting, jit_namespace, launch_config
+from lowbit.kernels._triton import has_triton, interpreting, jit_namespace, launch_config, resolve_backend
 from lowbit.kernels.scaled_mm import OUT_DTYPES, _epilogue, _tile_coords, scaled_mm, scaled_mm_ref
 from lowbit.quant.packing import unpack
 
@@ -319,13 +319,7 @@ def _packed_dequant_mm_triton(g, b_packed, b_scale, bits, qmin, k, config=None):
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend != "auto":
-        return backend
-    if device.type != "cuda":
-        return "ref"
-    if has_triton() and torch.cuda.get_device_capability(device) >= (8, 0):
-        return "triton"
-    return "torch"
+    return resolve_backend(backend, device, (8, 0))
 
 
 @torch.library.custom_op(

@@ -205,14 +205,9 @@ def prefill_kernel(layer, x: torch.Tensor, *, gemm_backend: str = "auto", quant_
 def install(model: torch.nn.Module, **kwargs) -> int:
     """Set :func:`prefill_kernel` (with ``kwargs``) as the ``kernel`` of every supported PackedLinear, for
     every input size; returns how many layers. Prefer :func:`install_all`, which keeps decode on the GEMV."""
-    from lowbit.export.packed import packed_modules
+    from lowbit.export.packed import set_kernel
 
-    count = 0
-    for _, layer in packed_modules(model):
-        if supports(layer):
-            layer.kernel = functools.partial(prefill_kernel, **kwargs) if kwargs else prefill_kernel
-            count += 1
-    return count
+    return set_kernel(model, supports, prefill_kernel, **kwargs)
 
 
 def combined_kernel(layer, x: torch.Tensor, *, max_rows: int = MAX_GEMV_ROWS, deterministic: bool = False,

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import custom_op, direct_call, has_triton, jit_namespace, launch_config
+from lowbit.kernels._triton import custom_op, direct_call, has_triton, jit_namespace, launch_config, resolve_backend
 from lowbit.kernels._triton import interpreting as _interpreting
 
 __all__ = ["scaled_mm", "scaled_mm_ref", "has_triton", "CODE_DTYPES", "BACKENDS"]
@@ -478,13 +478,7 @@ def _scaled_mm_torch(
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend != "auto":
-        return backend
-    if device.type != "cuda":
-        return "ref"
-    if has_triton() and torch.cuda.get_device_capability(device) >= (9, 0):
-        return "triton"
-    return "torch"
+    return resolve_backend(backend, device, (9, 0))  # the persistent TMA kernel: Hopper
 
 
 def _scaled_mm_impl(

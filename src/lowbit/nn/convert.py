@@ -94,18 +94,12 @@ def set_track_stats(model: nn.Module, on: bool) -> int:
     fraction that :func:`quant_diagnostics` reports) on or off; returns how many layers have the switch. The
     trainer keeps them off in its training steps and records them with one extra no-grad forward when it reports
     diagnostics: on the fused-kernel path they cost a sampled fake quantization per layer and step."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "track_stats") and isinstance(m, QuantLinear | _direct_linear()):
-            m.track_stats = on
-            n += 1
-    return n
-
-
-def _direct_linear() -> type:
     from lowbit.nn.direct import DirectQuantLinear
 
-    return DirectQuantLinear
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear | DirectQuantLinear)]
+    for m in layers:
+        m.track_stats = on
+    return len(layers)
 
 
 def quant_diagnostics(model: nn.Module) -> dict[str, float]:
