@@ -194,7 +194,7 @@ class TrainConfig:
     the loss inline). The trade-off: "model" unrolls every layer into one graph, so the first step's compile
     time grows with depth (H100, 12-layer 130m QuEST model: 199 s, bf16 34 s), but the compiler may fuse
     across block boundaries and the head; "block" traces one block, whose graph every block reuses (no
-    recompiles), so compile time stays that of one layer (CPU, 4-layer quest-w4a4: 22 s instead of 61 s), at
+    recompiles), so compile time stays that of one layer (not yet benchmarked), at
     the price of no fusion across blocks and an eager head. The default stays "model" until a GPU benchmark
     (benchmarks/bench_train.py --compile-scope) picks one. With parallel ≠ "none" compiling is always per block
     (lowbit.distributed), whatever this says. Evaluation runs eager either way. An execution detail: a resume
