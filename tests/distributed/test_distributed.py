@@ -40,6 +40,7 @@ def runs(tmp_path_factory, tiny_corpus):
 
     Trainer(cfg("ref", **{"train.batch_size": 4})).fit()  # also prepares the dataset the ranks share
     Trainer(cfg("dqt-ref", **{"train.batch_size": 4, "quant.recipe": "dqt-int8", "train.steps": 3})).fit()
+    Trainer(cfg("quest-ref", **{"train.batch_size": 4, "quant.recipe": "quest-w4a4", "train.steps": 3})).fit()
     jobs = [
         # 2 ranks × batch 1 × 2 micro-batches (no_sync on the first) = the reference's batch of 4; stops at 3
         {"config": cfg("ddp", **{"train.parallel": "ddp", "train.batch_size": 1, "train.grad_accum": 2}).to_dict(),
@@ -48,6 +49,9 @@ def runs(tmp_path_factory, tiny_corpus):
                                    "train.activation_checkpointing": True}).to_dict()},
         {"config": cfg("dqt", **{"train.parallel": "ddp", "train.batch_size": 2, "quant.recipe": "dqt-int8",
                                  "train.steps": 3}).to_dict(), "codes": str(root / "codes")},
+        # QAT under FSDP2: latent weights sharded; the evaluation's diagnostics (weight SNR) must not touch a shard
+        {"config": cfg("quest-fsdp2", **{"train.parallel": "fsdp2", "train.batch_size": 2,
+                                         "quant.recipe": "quest-w4a4", "train.steps": 3}).to_dict()},
     ]
     spawn(train_jobs, 2, jobs)
     return root, cfg
@@ -64,6 +68,16 @@ def test_fsdp2_matches_single_process(runs):
     ev = {r["step"]: r["val_loss"] for r in read_log(root / "fsdp2", "eval")}
     ev_ref = {r["step"]: r["val_loss"] for r in read_log(root / "ref", "eval")}
     close(ev, ev_ref, [0, 3, 6])
+
+
+def test_fsdp2_qat_matches_single_process_with_diagnostics(runs):
+    root, _ = runs
+    close(losses(root / "quest-fsdp2"), losses(root / "quest-ref"), [1, 2, 3])
+    ev = {r["step"]: r for r in read_log(root / "quest-fsdp2", "eval")}
+    ev_ref = {r["step"]: r for r in read_log(root / "quest-ref", "eval")}
+    for step in (3,):  # the whole weight's statistics (recorded in the gathered forward), as in one process
+        for key in ("weight_snr_db/mean", "act_snr_db/mean", "weight_masked/mean"):
+            assert ev[step][key] == pytest.approx(ev_ref[step][key], rel=1e-3, abs=1e-4), key
 
 
 def test_final_checkpoint_is_consolidated(runs):

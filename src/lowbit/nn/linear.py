@@ -85,6 +85,7 @@ class QuantLinear(nn.Linear):
         self.track_stats = True
         self.generator: torch.Generator | None = None  # stochastic rounding stream (None = global RNG)
         self.last_stats: Stats = {}
+        self.last_weight_stats: Stats = {}  # the weight's, from the last forward with track_stats on
         w = self.weight
         pdtype = w.dtype if w.dtype.is_floating_point else torch.float32
         for which, spec in (("weight", weight_spec), ("input", act_spec)):
@@ -186,6 +187,8 @@ class QuantLinear(nn.Linear):
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_kernel(x):
+            if self.track_stats:
+                self.last_weight_stats = self.weight_stats(self.weight)
             return self._kernel_forward(x)
         w: torch.Tensor = self.weight
         rot = self.shared_rotation
@@ -196,27 +199,35 @@ class QuantLinear(nn.Linear):
             if stats is not None:
                 self.last_stats = stats
         if self.weight_spec is not None:
+            wstats: Stats | None = {} if self.track_stats else None
             w = fake_quantize(w, self._fq_weight, scale=self._scale("weight", w, self.weight_spec),
-                              generator=self.generator, rotated=rot)
+                              generator=self.generator, stats=wstats, rotated=rot)
+            if wstats is not None:
+                self.last_weight_stats = wstats
         return F.linear(x, w, self.bias)
 
     # ---- diagnostics --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def weight_stats(self) -> Stats:
-        """Masked fraction and signal/noise of quantizing the current weight (computed now, no grad)."""
+    def weight_stats(self, w: torch.Tensor | None = None) -> Stats:
+        """Masked fraction and signal/noise of quantizing ``w`` (default: the current weight; computed now, no
+        grad). {} for a weight sharded by FSDP2 outside its forward (a DTensor shard: its statistics are not the
+        whole matrix's; the forward with track_stats on records them from the gathered weight)."""
         if self.weight_spec is None:
             return {}
+        w = self.weight if w is None else w
+        if _is_dtensor(w):
+            return {}
         stats: Stats = {}
-        w = self.weight
         fake_quantize(w, self._fq_weight, scale=self._scale("weight", w, self.weight_spec),
                       generator=self.generator, stats=stats, rotated=True)
         return stats
 
     def diagnostics(self) -> dict[str, float]:
         """``weight_snr_db``, ``act_snr_db`` (last input), and the masked-gradient fractions where the
-        estimator can mask (trust, clipped_ste)."""
+        estimator can mask (trust, clipped_ste). The weight's numbers are those of the last forward with
+        track_stats on (the trainer's diagnostic forward), else computed now from the current weight."""
         out: dict[str, float] = {}
-        for kind, spec, st in (("weight", self.weight_spec, self.weight_stats()),
+        for kind, spec, st in (("weight", self.weight_spec, self.last_weight_stats or self.weight_stats()),
                                ("act", self.act_spec, self.last_stats)):
             if spec is None or not st:
                 continue
@@ -230,6 +241,12 @@ class QuantLinear(nn.Linear):
         a = self.act_spec.short() if self.act_spec else "-"
         k = "" if self.kernels == "off" else f", kernels={self.kernels}"
         return f"{super().extra_repr()}, weight=[{w}], act=[{a}]{k}"
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def kernel_blocker(kind: str, args: dict, k: int, device: torch.device, gemm_backend: str = "auto",
