@@ -2,7 +2,7 @@
 # One stage of an experiment on the GPU machine, inside its 10-minute command limit:
 #   bash experiments/gpu_stage.sh EXPERIMENT.toml SECONDS [--only GLOB ...]
 # 1. unpack the text (a zstd tar of data/corpus, carried in .carry/) and prepare the dataset, unless a previous
-#    stage on the same machine already did; 2. run `lowbit sweep` until SECONDS have passed since the start
+#    stage on the same machine already did; 2. run `lowbit sweep` (its runs spread over every visible GPU) until SECONDS have passed since the start
 #    (runs still going are checkpointed and resume in the next stage); 3. pack the small results (summaries,
 #    configs, JSONL logs, sweep logs; no checkpoints) into $OUT/results.tgz.
 # Source: $LOWBIT_SRC (default src) is put on PYTHONPATH, so a frozen copy of the code can be used.
@@ -26,7 +26,7 @@ $L data --config "$base" || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 left=$(( budget - SECONDS - 45 ))
 echo "stage: $SECONDS s of setup, sweeping for $left s"
-$L sweep "$exp" --set train.device=cuda --time-limit "$left" --no-progress "$@"
+$L sweep "$exp" --set train.device=cuda --gpus auto --time-limit "$left" --no-progress "$@"
 rc=$?
 mkdir -p "${OUT:-/tmp/out}"
 find "$out" \( -name summary.json -o -name config.json -o -name log.jsonl -o -name sweep.json -o -name '*.log' \

@@ -160,3 +160,26 @@ def test_time_limit_interrupts_and_resumes(tmp_path, tiny_corpus):
     done = sweep.execute(exp, again, progress=False, poll_s=0.2)
     assert done[0].status == "done"
     assert json.loads((Path(done[0].dir) / "summary.json").read_text())["step"] == 2000
+
+
+def test_visible_gpus_and_pick(monkeypatch):
+    assert sweep.visible_gpus(None) == []
+    assert sweep.visible_gpus("0, 2") == ["0", "2"]
+    with pytest.raises(ValueError, match="comma list"):
+        sweep.visible_gpus(",")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert sweep.visible_gpus("auto") == ["3", "5"]
+    # least busy first, ties to the first listed
+    assert sweep._pick_gpu(["0", "1"], []) == "0"
+    assert sweep._pick_gpu(["0", "1"], ["0"]) == "1"
+    assert sweep._pick_gpu(["0", "1"], ["0", "1", "1"]) == "0"
+    assert sweep._pick_gpu([], ["0"]) is None
+
+
+def test_execute_spreads_runs_over_gpus(tmp_path, tiny_corpus):
+    exp = sweep.load_experiment(write_experiment(tmp_path, tiny_corpus))  # 2 runs, parallel 2, CPU device
+    runs = sweep.execute(exp, sweep.plan(exp), progress=False, poll_s=0.2, gpus=["7", "9"])
+    assert [r.status for r in runs] == ["done", "done"]
+    logs = sorted((tmp_path / "out" / "logs").glob("*.log"))
+    seen = sorted(line for log in logs for line in log.read_text().splitlines() if line.startswith("CUDA_VISIBLE"))
+    assert seen == ["CUDA_VISIBLE_DEVICES=7", "CUDA_VISIBLE_DEVICES=9"]

@@ -401,7 +401,7 @@ def cmd_sweep(args) -> int:
     if args.dry_run:
         return 0
     runs = sweep.execute(exp, runs, parallel=args.parallel, progress=not args.no_progress,
-                         time_limit=args.time_limit)
+                         time_limit=args.time_limit, gpus=sweep.visible_gpus(args.gpus))
     failed = [r.name for r in runs if r.status == "failed"]
     unfinished = [r.name for r in runs if r.status not in ("done", "failed")]
     done = len(runs) - len(failed) - len(unfinished)
@@ -564,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(e.g. --set train.device=cuda); repeatable")
     sw.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop starting runs after this long and "
                     "interrupt the running ones with a checkpoint (the next sweep resumes them); exit code 3")
+    sw.add_argument("--gpus", metavar="auto|0,1,...", help="spread the runs over these GPUs (each run sees one, "
+                    "the least busy, through CUDA_VISIBLE_DEVICES); auto = every visible GPU")
     sw.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(fn=cmd_sweep)

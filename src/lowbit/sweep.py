@@ -269,12 +269,36 @@ def _interrupt(active: dict[str, tuple[subprocess.Popen, PlannedRun, float, Any]
             r.status = "failed"
 
 
+def visible_gpus(spec: str | None) -> list[str]:
+    """GPU ids for ``--gpus``: ``None`` → none (children inherit the environment), ``auto`` → every GPU this
+    process sees (``CUDA_VISIBLE_DEVICES`` entries, else ``0 … device_count-1``), else a comma list ``0,1``."""
+    if spec is None:
+        return []
+    if spec != "auto":
+        ids = [g.strip() for g in spec.split(",") if g.strip()]
+        if not ids:
+            raise ValueError(f"--gpus {spec!r}: expected 'auto' or a comma list of GPU ids such as 0,1")
+        return ids
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _pick_gpu(gpus: list[str], busy: list[str]) -> str | None:
+    """The GPU with the fewest running children (first on ties), or None without GPUs."""
+    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g))) if gpus else None
+
+
 def execute(exp: Experiment, runs: list[PlannedRun], parallel: int | None = None, progress: bool = True,
-            poll_s: float = 1.0, time_limit: float | None = None) -> list[PlannedRun]:
+            poll_s: float = 1.0, time_limit: float | None = None, gpus: list[str] | None = None) -> list[PlannedRun]:
     """Train every run not yet done, ``parallel`` at a time; then the conversions. Returns the runs with their
     final status. A failed run does not stop the others; its log path is printed. After ``time_limit`` seconds
     no run starts and the running ones are interrupted with a checkpoint (status ``resume``: the next sweep
-    continues them); on Ctrl-C likewise."""
+    continues them); on Ctrl-C likewise. With ``gpus`` (ids), each child sees one GPU
+    (``CUDA_VISIBLE_DEVICES``), the one with the fewest runs of this sweep on it when the child starts."""
     parallel = parallel or exp.parallel
     todo = [r for r in runs if r.status != "done"]
     logs = exp.out / "logs"
@@ -292,6 +316,7 @@ def execute(exp: Experiment, runs: list[PlannedRun], parallel: int | None = None
         bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="run")
     queue = list(todo)
     active: dict[str, tuple[subprocess.Popen, PlannedRun, float, Any]] = {}
+    on_gpu: dict[str, str] = {}  # run name → GPU id of a running child
     try:
         while queue or active:
             if time_limit is not None and time.time() - t_start > time_limit:
@@ -305,7 +330,13 @@ def execute(exp: Experiment, runs: list[PlannedRun], parallel: int | None = None
                 log = open(logs / (r.name.replace("/", "__") + ".log"), "w")  # noqa: SIM115 - closed when reaped
                 log.write("$ " + " ".join(_child_command(exp, r)) + "\n")
                 log.flush()
-                p = subprocess.Popen(_child_command(exp, r), stdout=log, stderr=subprocess.STDOUT, env=env)
+                gpu = _pick_gpu(gpus or [], list(on_gpu.values()))
+                child_env = env if gpu is None else env | {"CUDA_VISIBLE_DEVICES": gpu}
+                if gpu is not None:
+                    on_gpu[r.name] = gpu
+                    log.write(f"CUDA_VISIBLE_DEVICES={gpu}\n")
+                    log.flush()
+                p = subprocess.Popen(_child_command(exp, r), stdout=log, stderr=subprocess.STDOUT, env=child_env)
                 r.status = "running"
                 active[r.name] = (p, r, time.time(), log)
                 _write_index(exp, runs, {"started": t_start})
@@ -317,6 +348,7 @@ def execute(exp: Experiment, runs: list[PlannedRun], parallel: int | None = None
                     continue
                 log.close()
                 del active[name]
+                on_gpu.pop(name, None)
                 r.seconds, r.returncode = round(time.time() - t0, 1), rc
                 r.status = "done" if rc == 0 and run_status(Path(r.dir), r.steps) == "done" else "failed"
                 if r.status == "failed":
