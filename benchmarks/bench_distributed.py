@@ -26,7 +26,11 @@ or as a CPU smoke test (gloo, 2 processes spawned here, a tiny model):
     PYTHONPATH=src python benchmarks/bench_distributed.py --spawn 2 --size tiny --vocab 320 --batch 2 --seq 32 \\
         --steps 2 --warmup 1 --out /tmp/bench_distributed.md
 
-Writes ``benchmarks/results/bench_distributed_<device>_w<world>.md`` (or ``--out``) on rank 0 and prints it.
+Writes ``benchmarks/results/bench_distributed_<device>_w<world>.md`` (or ``--out``) on rank 0 after every row
+(a run stopped by a time limit keeps what it measured), the rows also as JSON beside it (``.json``), and prints
+it. The scaling table from two such runs (1 → N ranks: tokens/s ratio, efficiency = ratio / N, bytes, memory):
+
+    python benchmarks/bench_distributed.py --compare w1.json w2.json --out scaling.md
 """
 
 from __future__ import annotations
@@ -150,9 +154,14 @@ def run(rank: int, world: int, args) -> None:
     info = D.init_distributed(TrainConfig(parallel="ddp", device=args.device))
     device = D.parallel.local_device(TrainConfig(device=args.device), info) or torch.device(
         "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    rows = [bench_one(args, r, p, info, device) for p in args.parallel.split(",") for r in args.recipes.split(",")]
-    if info.is_main:
-        report(args, rows, info.world_size, device)
+    rows = []
+    for p in args.parallel.split(","):
+        for r in args.recipes.split(","):
+            rows.append(bench_one(args, r, p, info, device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if info.is_main:
+                report(args, rows, info.world_size, device)
     D.shutdown(info)
 
 
@@ -176,7 +185,58 @@ def report(args, rows: list[dict], world: int, device: torch.device) -> None:
     out = Path(args.out) if args.out else RESULTS_DIR / f"bench_distributed_{device.type}_w{world}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    meta = {"world": world, "machine": name, "torch": torch.__version__, "size": args.size, "batch": args.batch,
+            "seq": args.seq, "command": shlex.join([sys.argv[0], *sys.argv[1:]]),
+            "date": dt.datetime.now().isoformat(timespec="seconds")}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(text, flush=True)
+
+
+def compare(paths: list[str], out: str | None) -> str:
+    """Scaling table of bench_distributed JSON reports: every report's rows against the smallest world's."""
+    reports = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["meta"]["world"])
+    if len(reports) < 2:
+        raise SystemExit("--compare needs two or more reports (the .json files bench_distributed writes)")
+    base = reports[0]
+    w0 = base["meta"]["world"]
+    index = {(r["parallel"], r["recipe"]): r for r in base["rows"]}
+    lines = [f"# bench_distributed: scaling from {w0} to " + ", ".join(str(r["meta"]["world"]) for r in reports[1:])
+             + " rank(s)", ""]
+    for r in reports:
+        m = r["meta"]
+        lines.append(f"- world {m['world']}: {m['machine']}; torch {m['torch']}; {m['date']}; `{m['command']}`")
+    lines += ["", "tokens/s are the whole job's; per-rank batch fixed (weak scaling: the global batch grows with the "
+              "world); efficiency = (tokens/s at N ÷ tokens/s at the base world) ÷ (N ÷ base world).", "",
+              "| parallel | recipe | world | step ms | tokens/s | speed-up | efficiency | peak GiB/rank | "
+              "all-gather MB/step (block linears) | measured (blocks) | grad reduce MB/step |",
+              "|" + " --- |" * 11]
+
+    def f(v, nd=2):
+        return "" if v is None else f"{v:.{nd}f}"
+
+    for rep in reports[1:]:
+        w = rep["meta"]["world"]
+        for row in rep["rows"]:
+            b = index.get((row["parallel"], row["recipe"]))
+            if b is None:
+                continue
+            speed = row["tok_per_s"] / b["tok_per_s"]
+            for world, r, sp, eff in ((w0, b, None, None), (w, row, speed, speed / (w / w0))):
+                lines.append(f"| {r['parallel']} | {r['recipe']} | {world} | {f(r['step_ms'], 1)} | "
+                             f"{f(r['tok_per_s'], 0)} | {f(sp)} | {f(eff)} | {f(r.get('peak_GiB'))} | "
+                             f"{f(r.get('allgather_block_linears_MB'), 1)} | "
+                             f"{f(r.get('allgather_blocks_measured_MB'), 1)} | {f(r.get('grad_reduce_MB'), 1)} |")
+    gathers = {(r["recipe"]): r.get("allgather_blocks_measured_MB") for rep in reports[1:] for r in rep["rows"]
+               if r["parallel"] == "fsdp2"}
+    if gathers.get("bf16"):
+        lines += ["", "FSDP2 all-gather bytes of the blocks per step ÷ bf16's (measured): " + ", ".join(
+            f"{k} {v / gathers['bf16']:.2f}×" for k, v in gathers.items() if v is not None)]
+    text = "\n".join(lines) + "\n"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
     print(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--spawn", type=int, default=0, help="spawn N local processes (gloo on CPU) instead of torchrun")
     p.add_argument("--out", help="report path")
+    p.add_argument("--compare", nargs="+", metavar="JSON", help="no benchmark: the scaling table of these reports")
     args = p.parse_args(argv)
-    if args.spawn:
+    if args.compare:
+        compare(args.compare, args.out)
+    elif args.spawn:
         from lowbit.distributed.spawn import spawn
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
