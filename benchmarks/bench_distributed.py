@@ -91,6 +91,7 @@ def traffic(model, cfg, world: int, device: torch.device) -> dict[str, float]:
 
 def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> dict:
     from lowbit import distributed as D
+    from lowbit.nn import set_track_stats
     from lowbit.runs import autocast_dtype, build_model
     from lowbit.train.optim import build_optimizer, clip_gradients
 
@@ -98,6 +99,7 @@ def bench_one(args, recipe: str, parallel: str, info, device: torch.device) -> d
     torch.manual_seed(0)
     model = build_model(cfg, device)
     model.train()
+    set_track_stats(model, False)  # as the trainer's steps: no per-layer statistics
     proj = traffic(model, cfg, info.world_size, device)
     fwd = D.parallelize(model, cfg.train, info, device)
     opt = build_optimizer(model, cfg.train, device, dqt=cfg.dqt)

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The multi-GPU measurements (docs/distributed.md) in ONE call of at most 10 minutes on a machine with 2 GPUs:
+#
+#   bash benchmarks/gpu_distributed.sh            # outputs under ${OUT:-/tmp/out}; needs data/default-4k (carry it)
+#
+# Steps, each under its own `timeout`, each logged to $OUT/<step>.log, a summary in $OUT/summary.txt:
+#   w1, w2     bench_distributed.py under torchrun with 1 and then 2 processes: $SIZE (430m), batch 8 × 1024 per
+#              rank, $RECIPES (bf16, quest-w4a4, dqt-int8) × DDP and FSDP2; then --compare → dist_scaling.md
+#   parity     the trainer itself (`lowbit train`, configs/tiny-cpu.toml on cuda, $PSTEPS steps, the same global
+#              batch of 16): one GPU (parallel=none) vs `--nproc 2` DDP and FSDP2, for quest-w4a4 and dqt-int8
+#              (bf16 mixed precision everywhere) → `lowbit report` plots of the loss curves
+#   resume     a 2-GPU FSDP2 dqt-int8 checkpoint (DCP, step PSTEPS/2) resumed on one GPU; its log beside the
+#              uninterrupted run's
+#   w1c, w2c   the benchmark again with torch.compile per block, FSDP2 only, if ≥ 150 s are left of TOTAL (580)
+# NVLink multicast stays off (the machine's NCCL_NVLS_ENABLE=0 etc. are kept and set again here).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY=${PYTHON:-python3}
+TOTAL=${TOTAL:-580}
+SIZE=${SIZE:-430m}
+RECIPES=${RECIPES:-bf16,quest-w4a4,dqt-int8}
+PSTEPS=${PSTEPS:-300}
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+
+step() {  # step NAME SECONDS COMMAND... — run under timeout, log to $OUT/NAME.log, record rc and time
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "=== [$name] (timeout ${limit}s, at ${SECONDS}s): $*"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  printf '%-10s rc=%-4s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >>"$SUMMARY"
+  echo "=== [$name] exit $rc after $((SECONDS - t0))s"
+}
+
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  nvidia-smi topo -m 2>/dev/null
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), 'nccl', torch.cuda.nccl.version() if torch.cuda.is_available() else None)"
+  git rev-parse --short HEAD 2>/dev/null
+  env | grep -E '^(NCCL|TORCH_SYMM|NVSHMEM)' | sort
+} 2>&1 | tee "$OUT/machine.txt"
+
+BENCH="benchmarks/bench_distributed.py --size $SIZE --batch 8 --seq 1024 --vocab 32000 --steps 10 --warmup 3"
+TR="$PY -m torch.distributed.run --standalone"
+STEPS=${STEPS:-w1 w2 parity resume compiled}  # a subset by name (e.g. STEPS="parity resume" DEV=cpu on a laptop)
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+has w1 && step w1 "${T_W1:-170}" $TR --nproc-per-node 1 $BENCH --recipes "$RECIPES" --parallel ddp,fsdp2 --out "$OUT/dist_w1.md"
+has w2 && step w2 "${T_W2:-170}" $TR --nproc-per-node 2 $BENCH --recipes "$RECIPES" --parallel ddp,fsdp2 --out "$OUT/dist_w2.md"
+has w2 && { $PY $BENCH --compare "$OUT/dist_w1.json" "$OUT/dist_w2.json" --out "$OUT/dist_scaling.md" >/dev/null 2>&1 || true; }
+
+L="$PY -m lowbit.cli"
+TINY="--config configs/tiny-cpu.toml train.device=${DEV:-cuda} train.steps=$PSTEPS train.eval_every=100 train.eval_batches=4
+      train.log_every=1 train.tensorboard=false train.progress=false"
+parity() {
+  for r in quest-w4a4 dqt-int8; do
+    $L train $TINY quant.recipe=$r train.batch_size=16 train.ckpt_every=0 train.out_dir=$OUT/runs/$r-1gpu || return 1
+    for p in ddp fsdp2; do
+      $L train --nproc 2 $TINY quant.recipe=$r train.batch_size=8 train.parallel=$p \
+        train.ckpt_every=$((PSTEPS / 2)) train.out_dir=$OUT/runs/$r-2gpu-$p || return 1
+    done
+    $L report $OUT/runs/$r-* --out $OUT/parity-$r || return 1
+  done
+}
+
+resume() {  # the 2-GPU FSDP2 dqt-int8 run's mid checkpoint, resumed by ONE process; compare with the full run
+  local src=$OUT/runs/dqt-int8-2gpu-fsdp2 dst=$OUT/runs/dqt-int8-2gpu-fsdp2-resumed-1gpu half
+  half=$(printf 'step_%07d' $((PSTEPS / 2)))
+  rm -rf "$dst" && cp -r "$src" "$dst" || return 1
+  find "$dst/ckpt" -mindepth 1 -maxdepth 1 -type d ! -name "$half" -exec rm -rf {} + && echo "$half" >"$dst/ckpt/latest"
+  $PY -c "import json,sys; p=sys.argv[1]+'/config.json'; c=json.load(open(p)); c['train']['out_dir']=sys.argv[1]; json.dump(c,open(p,'w'))" "$dst"
+  $L train $TINY quant.recipe=dqt-int8 train.batch_size=16 train.parallel=none train.ckpt_every=$((PSTEPS / 2)) \
+    train.out_dir="$dst" --resume || return 1
+  $PY - "$src" "$dst" <<'EOF'
+import json, sys
+def losses(d):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(d + "/log.jsonl")) if "loss" in r and "step" in r}
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+steps = sorted(set(a) & set(b))
+late = [s for s in steps if s > max(steps) // 2]
+print(f"resume check: {len(steps)} common steps; max |Δloss| after the checkpoint {max(abs(a[s] - b[s]) for s in late):.2e}; "
+      f"final {a[steps[-1]]:.4f} (2 GPUs throughout) vs {b[steps[-1]]:.4f} (resumed on 1 GPU)")
+EOF
+  find "$OUT/runs" -type d -name ckpt -prune -exec rm -rf {} +  # checkpoints do not come back
+}
+export -f parity resume
+export L TINY PSTEPS PY OUT
+has parity && step parity "${T_PARITY:-200}" bash -c parity
+has resume && step resume "${T_RESUME:-90}" bash -c resume
+
+left=$((TOTAL - SECONDS))
+if has compiled && [ "$left" -ge 150 ]; then  # compiled per block, FSDP2 only
+  half=$(((left - 20) / 2))
+  step w1c "$half" $TR --nproc-per-node 1 $BENCH --recipes "$RECIPES" --parallel fsdp2 --compile --out "$OUT/dist_w1_compiled.md"
+  step w2c "$half" $TR --nproc-per-node 2 $BENCH --recipes "$RECIPES" --parallel fsdp2 --compile --out "$OUT/dist_w2_compiled.md"
+  $PY $BENCH --compare "$OUT/dist_w1_compiled.json" "$OUT/dist_w2_compiled.json" --out "$OUT/dist_scaling_compiled.md" >/dev/null 2>&1 || true
+elif has compiled; then printf '%-10s skipped: %ss left of TOTAL=%s\n' compiled "$left" "$TOTAL" >>"$SUMMARY"; fi
+
+echo; echo "================ summary (${SECONDS}s in all; outputs in $OUT) ================"
+cat "$SUMMARY"
+cat "$OUT/dist_scaling.md" 2>/dev/null
+tar -czf /tmp/session-distributed.tgz -C "$OUT" --exclude summary.txt . && mv /tmp/session-distributed.tgz "$OUT/" &&
+  echo "packed into $OUT/session-distributed.tgz"
