@@ -6,7 +6,7 @@
 # Steps, each under its own `timeout`, each logged to $OUT/<step>.log, a summary in $OUT/summary.txt:
 #   w1, w2     bench_distributed.py under torchrun with 1 and then 2 processes: $SIZE (430m), batch 8 × 1024 per
 #              rank, $RECIPES (bf16, quest-w4a4, dqt-int8) × DDP and FSDP2; then --compare → dist_scaling.md
-#   parity     the trainer itself (`lowbit train`, configs/tiny-cpu.toml on cuda, $PSTEPS steps, the same global
+#   parity     (≤ 320 s) the trainer itself (`lowbit train`, configs/tiny-cpu.toml on cuda, $PSTEPS steps, the same global
 #              batch of 16): one GPU (parallel=none) vs `--nproc 2` DDP and FSDP2, for quest-w4a4 and dqt-int8
 #              (bf16 mixed precision everywhere) → `lowbit report` plots of the loss curves
 #   resume     a 2-GPU FSDP2 dqt-int8 checkpoint (DCP, step PSTEPS/2) resumed on one GPU; its log beside the
@@ -90,7 +90,7 @@ EOF
 }
 export -f parity resume
 export L TINY PSTEPS PY OUT
-has parity && step parity "${T_PARITY:-200}" bash -c parity
+has parity && step parity "${T_PARITY:-320}" bash -c parity
 has resume && step resume "${T_RESUME:-90}" bash -c resume
 
 left=$((TOTAL - SECONDS))
@@ -104,5 +104,8 @@ elif has compiled; then printf '%-10s skipped: %ss left of TOTAL=%s\n' compiled 
 echo; echo "================ summary (${SECONDS}s in all; outputs in $OUT) ================"
 cat "$SUMMARY"
 cat "$OUT/dist_scaling.md" 2>/dev/null
+# one archive without checkpoints (the device tool brings back few, small files); the markdown reports stay beside it
+find "$OUT" -type d -name ckpt -prune -exec rm -rf {} +
 tar -czf /tmp/session-distributed.tgz -C "$OUT" --exclude summary.txt . && mv /tmp/session-distributed.tgz "$OUT/" &&
-  echo "packed into $OUT/session-distributed.tgz"
+  find "$OUT" -mindepth 1 ! -name session-distributed.tgz ! -name summary.txt ! -name 'dist_*.md' -delete 2>/dev/null;
+echo "packed into $OUT/session-distributed.tgz ($(du -h "$OUT/session-distributed.tgz" | cut -f1))"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lowbit.config import ConfigError, load_config
 
@@ -93,3 +94,25 @@ def test_bench_distributed_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "| ddp | dqt-int8 |" in text and "| fsdp2 | bf16 |" in text
+
+
+def test_allow_integer_parameters_shim():
+    """Older FSDP2 (torch 2.11) builds nn.Parameter(int8 shard) with the default requires_grad=True; the shim
+    turns that error into a Parameter without grad and changes nothing else."""
+    from torch import nn
+
+    from lowbit.distributed.parallel import allow_integer_parameters
+
+    codes = torch.arange(6, dtype=torch.int8).reshape(2, 3)
+    with pytest.raises(RuntimeError, match="floating point"):
+        nn.Parameter(codes)
+    allow_integer_parameters()
+    try:
+        p = nn.Parameter(codes)
+        assert isinstance(p, nn.Parameter) and not p.requires_grad and torch.equal(p, codes)
+        f = nn.Parameter(torch.ones(2))
+        assert f.requires_grad and not nn.Parameter(torch.ones(2), requires_grad=False).requires_grad
+    finally:
+        allow_integer_parameters(False)
+    with pytest.raises(RuntimeError, match="floating point"):
+        nn.Parameter(codes)

@@ -221,7 +221,47 @@ def shard_direct_codes(model: nn.Module) -> list[tuple[str, nn.Module]]:
         codes = m._buffers.pop("weight_codes")
         m.register_parameter("weight_codes", nn.Parameter(codes, requires_grad=False))
         done.append((name, m))
+    if done and not _fsdp2_keeps_requires_grad():
+        allow_integer_parameters()
     return done
+
+
+def _fsdp2_keeps_requires_grad() -> bool:
+    """Whether this torch's FSDP2 builds its sharded and unsharded Parameters with the original
+    ``requires_grad`` (torch 2.13 does). Older FSDP2 (torch 2.11 among them) builds ``nn.Parameter(t)`` —
+    requires_grad=True, which an integer tensor refuses — and only then calls ``requires_grad_``."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    try:
+        src = inspect.getsource(FSDPParam._init_sharded_param) + inspect.getsource(FSDPParam.init_unsharded_param)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return "nn.Parameter(self.to_sharded_dtensor(sharded_param))" not in src and \
+        "nn.Parameter(unsharded_param)" not in src
+
+
+_PARAMETER_NEW = nn.Parameter.__dict__["__new__"]
+
+
+def allow_integer_parameters(enable: bool = True) -> None:
+    """Let ``nn.Parameter(t)`` of an integer tensor ``t`` (whose ``requires_grad=True`` default raises
+    "only Tensors of floating point dtype can require gradients") build a Parameter without grad instead — the
+    one behaviour changed, from an error to what a caller passing the tensor's own requires_grad would get.
+    Installed by :func:`shard_direct_codes` only where FSDP2 needs it to shard DQT's integer codes (see
+    :func:`_fsdp2_keeps_requires_grad`); ``enable=False`` restores torch's own constructor."""
+    if not enable:
+        nn.Parameter.__new__ = _PARAMETER_NEW
+        return
+    orig = _PARAMETER_NEW.__func__ if isinstance(_PARAMETER_NEW, staticmethod) else _PARAMETER_NEW
+
+    def new(cls, data=None, requires_grad=True):
+        if requires_grad and data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return orig(cls, data, requires_grad)
+
+    nn.Parameter.__new__ = staticmethod(new)
 
 
 def _record_shards(mods: list[tuple[str, nn.Module]]) -> None:
