@@ -50,8 +50,8 @@ BENCH="benchmarks/bench_distributed.py --size $SIZE --batch 8 --seq 1024 --vocab
 TR="$PY -m torch.distributed.run --standalone"
 STEPS=${STEPS:-w1 w2 parity resume compiled}  # a subset by name (e.g. STEPS="parity resume" DEV=cpu on a laptop)
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-has w1 && step w1 "${T_W1:-170}" $TR --nproc-per-node 1 $BENCH --recipes "$RECIPES" --parallel ddp,fsdp2 --out "$OUT/dist_w1.md"
-has w2 && step w2 "${T_W2:-170}" $TR --nproc-per-node 2 $BENCH --recipes "$RECIPES" --parallel ddp,fsdp2 --out "$OUT/dist_w2.md"
+has w1 && step w1 "${T_W1:-170}" $TR --nproc-per-node 1 $BENCH --recipes "$RECIPES" --parallel "${PARALLEL:-ddp,fsdp2}" --out "$OUT/dist_w1.md"
+has w2 && step w2 "${T_W2:-170}" $TR --nproc-per-node 2 $BENCH --recipes "$RECIPES" --parallel "${PARALLEL:-ddp,fsdp2}" --out "$OUT/dist_w2.md"
 has w2 && { $PY $BENCH --compare "$OUT/dist_w1.json" "$OUT/dist_w2.json" --out "$OUT/dist_scaling.md" >/dev/null 2>&1 || true; }
 
 L="$PY -m lowbit.cli"

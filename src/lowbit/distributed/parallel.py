@@ -294,8 +294,15 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torc
     if cfg.parallel == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
         mp = mp_policy(cfg, device)
         sharded = shard_direct_codes(model)  # DQT: the codes themselves are sharded and gathered
+        # each DQT layer its own unit, gathered in the dtype it is stored in: a bf16 param_dtype would make some
+        # torch versions (2.11, seen on the GPU) cast the int8 codes to bf16 for the all-gather — 2 bytes a weight
+        codes_mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=mp.reduce_dtype)
+        for _, m in sharded:
+            fully_shard(m, mp_policy=codes_mp, reshard_after_forward=True)
         for b in blocks(model):
             # reshard_after_forward: all-gather again in backward, so only one block is ever unsharded
             fully_shard(b, mp_policy=mp, reshard_after_forward=True)
@@ -494,8 +501,8 @@ def count_all_gathers():
 
 def block_all_gather_bytes(model: nn.Module, step) -> int:
     """Bytes this rank receives from the all-gathers of the block units (``model.layers``: the block linears,
-    plus their norm gains) during ``step()`` (one forward + backward): measured with :func:`count_all_gathers`."""
-    ids = {id(b) for b in blocks(model)}
+    plus their norm gains; DQT layers are units of their own inside the blocks) during ``step()`` (one forward + backward): measured with :func:`count_all_gathers`."""
+    ids = {id(m) for b in blocks(model) for m in b.modules()}  # block units and the DQT units nested in them
     with count_all_gathers() as rec:
         step()
     return sum(nbytes for mods, nbytes in rec if any(id(m) in ids for m in mods))
