@@ -221,9 +221,38 @@ def shard_direct_codes(model: nn.Module) -> list[tuple[str, nn.Module]]:
         codes = m._buffers.pop("weight_codes")
         m.register_parameter("weight_codes", nn.Parameter(codes, requires_grad=False))
         done.append((name, m))
-    if done and not _fsdp2_keeps_requires_grad():
-        allow_integer_parameters()
+    if done:
+        if not _fsdp2_keeps_requires_grad():
+            allow_integer_parameters()
+        _gather_integers_as_stored()
     return done
+
+
+def _gather_integers_as_stored() -> None:
+    """Make FSDP2 leave integer parameters out of the mixed-precision cast, as torch 2.13 does
+    (``init_dtype_attrs`` clamps ``param_dtype`` to None for non-floating parameters). torch 2.11's FSDP2 casts
+    them to the policy's bf16 for the all-gather: DQT's int8 codes then travel as 2 bytes a weight (measured on
+    2 H200s: the same all-gather bytes as bf16). Wraps ``FSDPParam.init_dtype_attrs`` once, only where needed."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    orig = FSDPParam.init_dtype_attrs
+    if getattr(orig, "_lowbit_integers", False):
+        return
+    try:
+        if "is_floating_point" in inspect.getsource(orig):
+            return
+    except (OSError, TypeError):
+        pass
+
+    def init_dtype_attrs(self, mp_policy):
+        orig(self, mp_policy)
+        if not self.orig_dtype.is_floating_point:
+            self.param_dtype = None
+
+    init_dtype_attrs._lowbit_integers = True
+    FSDPParam.init_dtype_attrs = init_dtype_attrs
 
 
 def _fsdp2_keeps_requires_grad() -> bool:
@@ -294,15 +323,8 @@ def parallelize(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torc
     if cfg.parallel == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
         mp = mp_policy(cfg, device)
         sharded = shard_direct_codes(model)  # DQT: the codes themselves are sharded and gathered
-        # each DQT layer its own unit, gathered in the dtype it is stored in: a bf16 param_dtype would make some
-        # torch versions (2.11, seen on the GPU) cast the int8 codes to bf16 for the all-gather — 2 bytes a weight
-        codes_mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=mp.reduce_dtype)
-        for _, m in sharded:
-            fully_shard(m, mp_policy=codes_mp, reshard_after_forward=True)
         for b in blocks(model):
             # reshard_after_forward: all-gather again in backward, so only one block is ever unsharded
             fully_shard(b, mp_policy=mp, reshard_after_forward=True)
@@ -501,7 +523,7 @@ def count_all_gathers():
 
 def block_all_gather_bytes(model: nn.Module, step) -> int:
     """Bytes this rank receives from the all-gathers of the block units (``model.layers``: the block linears,
-    plus their norm gains; DQT layers are units of their own inside the blocks) during ``step()`` (one forward + backward): measured with :func:`count_all_gathers`."""
+    plus their norm gains) during ``step()`` (one forward + backward): measured with :func:`count_all_gathers`."""
     ids = {id(m) for b in blocks(model) for m in b.modules()}  # block units and the DQT units nested in them
     with count_all_gathers() as rec:
         step()

@@ -74,8 +74,8 @@ def bitnet_linear_args(weight_spec: QuantSpec | None, act_spec: QuantSpec | None
 def quantize_int8(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``x`` (…, K) → (int8 codes (M, K), float32 step per row (M,)), M = x.numel() / K; a per-tensor
     step is repeated for every row. lowbit's quantizer (no gradient), so value = code·step exactly as in
-    ``fake_quantize``. Per-row absmax specs (the activations) take the fused kernel of
-    :mod:`lowbit.kernels.int8_rows` on CUDA — the same codes and steps, one launch instead of ~8."""
+    ``fake_quantize``. Per-row absmax specs (the activations) go through :mod:`lowbit.kernels.int8_rows`, whose
+    one-launch kernel is off by default until its CUDA tests pass (see there); the reference otherwise."""
     if int8_rows_supports(spec):
         return int8_rows(x, spec)
     k = x.shape[-1]

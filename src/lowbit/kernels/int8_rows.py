@@ -14,8 +14,12 @@ launch, the same float32 operations — IEEE division (``div_rn``), round half t
 (|x / step| ≤ top + 1 < 2²²), so the codes and steps equal the reference's exactly (tests, Triton interpreter
 on CPU and compiled on the GPU).
 
-Dispatch: :func:`int8_rows` runs the kernel for CUDA tensors when Triton is installed, the reference otherwise
-or for specs it does not support; ``backend="triton"`` forces the kernel (CPU tensors: under
+Status: exact in the interpreter and at small CUDA shapes, but the CUDA tests at 16384×768 and 8192×4608 failed
+on an H200 (2026-11-23; which elements differ is not yet known: the tests now print them). Until they pass,
+``backend="auto"`` (:data:`AUTO_ON_CUDA` False) takes the reference on CUDA too.
+
+Dispatch: :func:`int8_rows` runs the kernel for CUDA tensors when Triton is installed and :data:`AUTO_ON_CUDA`,
+the reference otherwise or for specs it does not support; ``backend="triton"`` forces the kernel (CPU tensors: under
 ``TRITON_INTERPRET=1``), ``"ref"`` the reference. A ``torch.library`` custom op (with a fake implementation) makes it
 opaque to torch.compile; eager CUDA calls skip the dispatcher (:func:`lowbit.kernels._triton.direct_call`).
 """
@@ -33,6 +37,8 @@ from lowbit.quant.spec import QuantSpec
 __all__ = ["int8_rows", "int8_rows_ref", "supports"]
 
 BACKENDS = ("auto", "triton", "ref")
+#: Whether backend="auto" picks the kernel for CUDA tensors (module docstring: off until the CUDA tests pass).
+AUTO_ON_CUDA = False
 #: Rows per program and columns per step of the two sweeps.
 BLOCK_M, BLOCK_K = 4, 1024
 triton = tl = None  # placeholders: the real modules live in _kernel()'s namespace
@@ -122,7 +128,7 @@ def _use_triton(x: torch.Tensor, spec: QuantSpec, backend: str) -> bool:
         return True
     if backend == "ref" or not supports(spec) or not has_triton():
         return False
-    return x.is_cuda  # CPU tensors take the kernel (interpreter) only when asked: backend="triton"
+    return x.is_cuda and AUTO_ON_CUDA  # CPU tensors take the kernel (interpreter) only when asked: backend="triton"
 
 
 def _int8_rows_impl(x: torch.Tensor, bits: float, grid: str, eps: float, backend: str):
