@@ -377,8 +377,7 @@ class RunConfig:
             if self.train.parallel == "fsdp2":  # the sharded DQT update does not do these yet (docs/distributed.md)
                 bad = [w for w, b in (("dqt.update_in_backward=true", self.dqt.update_in_backward),
                                       ("dqt.optimizer=adafactor", self.dqt.optimizer == "adafactor"),
-                                      (f"dqt.scale={self.dqt.scale}", self.dqt.scale != "frozen"),
-                                      ("dqt.fused=on", self.dqt.fused == "on")) if b]
+                                      (f"dqt.scale={self.dqt.scale}", self.dqt.scale != "frozen")) if b]
                 if bad:
                     raise ConfigError(f"train.parallel=fsdp2 shards DQT codes, but the sharded update does not support "
                                       f"{', '.join(bad)} yet (docs/distributed.md); use train.parallel=ddp for them")

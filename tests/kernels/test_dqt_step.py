@@ -227,6 +227,61 @@ def test_kernel_matches_reference(kdev, monkeypatch, recipe, state, scale, gran,
         _compare_states(_states(opt_a), _states(opt_b), state)
 
 
+def _row_split(args, r: int, k: int, eight: bool):
+    """The launcher arguments of ONE tensor as two tensors: its rows [0, r) and [r, N) (views into the same
+    storage, so the update writes the whole tensor), with the noise offsets of a row shard (row0·K)."""
+    c, g, m, v, ma, va, s, sn = (args[i][0] if args[i] else None for i in range(8))
+    rows = g.shape[0]
+
+    def at(t, cut):  # the two parts of t at index cut of its first dimension
+        return [t[:cut], t[cut:]]
+
+    if eight:  # blockwise states: flat codes, one absmax per 256 values (r·K a multiple of 256)
+        states = [at(m, r * k), at(v, r * k), at(ma, r * k // 256), at(va, r * k // 256)]
+    else:
+        states = [at(m.view(rows, k), r), at(v.view(rows, k), r), [], []]
+    scales = [at(x.view(rows, -1), r) if x.dim() else [x, x] for x in (s, sn)]
+    dup = [[x[0], x[0]] if x else [] for x in args[9:14]]
+    return (at(c.view(rows, -1), r), at(g, r), *states, *scales, list(args[8]) * 2, *dup, *args[14:],
+            [0, r * k])  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+@pytest.mark.parametrize(("recipe", "state", "gran"), [("dqt-int8", "fp32", "row"), ("dqt-ternary", "8bit", "auto"),
+                                                         ("dqt-int4", "bf16", "row")])
+def test_row_shards_with_noise_offsets_write_the_whole_tensors_update(kdev, monkeypatch, impl, recipe, state,
+                                                                       gran) -> None:
+    """An FSDP2 rank updates its rows [row0, row0 + rows) with the noise drawn at row0·K: two row shards
+    updated as two tensors (noise_offsets [0, r·K]) write exactly the codes and states of the whole tensor's
+    update — stochastic rounding of the weight and of the 8-bit states included."""
+    monkeypatch.setattr(dqt_step, "INTERPRET_BLOCK", 512)
+    fn = dqt_adamw_step_reference if impl == "reference" else dqt_adamw_step_triton
+    dev = "cpu" if impl == "reference" else kdev
+    shape, r = (24, 64), 8  # 8·64 = 512: shard boundaries on whole 256-value state blocks
+    (mods_a, opt_a), (mods_b, opt_b) = _pair(recipe, state, "frozen", gran, [shape], device=dev)
+    (n, ma), (_, mb) = mods_a[0], mods_b[0]
+    for step in range(2):
+        g = _grad(shape, step, dev)
+        args_a, args_b = _args([(n, ma, g)], opt_a), _args([(n, mb, g)], opt_b)
+        _finish([(n, ma, g)], opt_a, args_a, fn(*args_a))
+        flips = fn(*_row_split(args_b, r, shape[1], state == "8bit"))
+        _finish([(n, mb, g)], opt_b, args_b, flips.sum().reshape(1))
+        assert torch.equal(ma.codes(), mb.codes()), f"step {step}"
+        assert int(mb.last_flips) == int(ma.last_flips)
+        for key, x in _states(opt_a)[n].items():
+            assert torch.equal(x, _states(opt_b)[n][key]), f"step {step} {key}"
+
+
+def test_noise_offsets_are_checked(kdev) -> None:
+    (mods, opt), _ = _pair("dqt-int8", "fp32", "frozen", "auto", [(4, 64)], device=kdev)
+    n, m = mods[0]
+    args = _args([(n, m, _grad((4, 64), 0, kdev))], opt)
+    with pytest.raises(ValueError, match="noise_offsets"):
+        dqt_adamw_step_triton(*args, [-1])
+    with pytest.raises(ValueError, match="noise_offsets"):
+        dqt_adamw_step_triton(*args, [0, 0])
+
+
 def test_kernel_odd_k_packed_codes_and_nan_guard(kdev, monkeypatch) -> None:
     """Packed codes with K not a multiple of the codes per byte (padded rows: the masked path), a clip
     coefficient and non-finite gradient values zeroed in the kernel."""
@@ -463,7 +518,7 @@ def test_kernels_compile_for_hopper_with_ieee_float_ops(kind, per, state, scale)
         sig = {"codes_ptr": "*i8" if per == 1 else "*u8", "grad_ptr": "*fp32", "m_ptr": st, "v_ptr": sv}
         sig |= dict.fromkeys(["ma_ptr", "va_ptr", "s_ptr", "sn_ptr", "coef_ptr"], "*fp32") | {"flips_ptr": "*i64"}
         sig |= dict.fromkeys(["n", "K", "KB", "n_bytes", "s_row", "s_gs", "wk1", "wk2", "mk1", "mk2", "vk1", "vk2",
-                              "qmin", "qmax"], "i32")  # fmt: skip
+                              "qmin", "qmax", "noff"], "i32")  # fmt: skip
         sig |= dict.fromkeys(["decay", "neg_step", "inv_sqrt_bc2", "w1", "b2", "w2", "eps", "goff"], "fp32")
         fn, attrs = k.tensor, {(i,): [["tt.divisibility", 16]] for i in range(10)}
     names = fn.arg_names

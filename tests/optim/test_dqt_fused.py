@@ -132,3 +132,50 @@ def test_trainer_resumes_across_fused_and_torch_paths(interpreter, monkeypatch, 
     la, lb, lc = ([r["loss"] for r in read_log(tmp_path / n, "train")] for n in "abc")
     assert la == lb
     assert la[:2] == lc[:2] and lc == pytest.approx(la, rel=1e-3)  # step 2's loss comes before its update
+
+
+class _RowShard:
+    """What lowbit.distributed.parallel.DirectShard offers the optimizer (rows [row0, row0 + rows) of the codes,
+    world size), without a process group: world_size 1, so no flip all-reduce."""
+
+    def __init__(self, codes: torch.Tensor, row0: int, rows: int, n_rows: int) -> None:
+        self._codes, self.row0, self.rows, self.n_rows, self.world_size = codes, row0, rows, n_rows, 1
+
+    def local(self) -> torch.Tensor:
+        return self._codes.view(self.n_rows, -1)[self.row0:self.row0 + self.rows]
+
+
+@pytest.mark.parametrize("state", ["fp32", "8bit"])
+def test_fused_step_on_a_row_shard_equals_the_torch_path(interpreter, state) -> None:
+    """An FSDP2 rank's update — rows [8, 24) of a 24×64 DQT tensor, per-row Δ, stochastic rounding with the
+    noise at row0·K: the fused kernel (the shard as a tensor of its own) writes the torch path's codes and
+    states, and leaves the other rank's rows alone."""
+    from lowbit.nn.direct import DirectQuantLinear
+    from lowbit.quant import get_recipe
+
+    recipe = get_recipe("dqt-int8")
+    out = []
+    for fused in (False, True):
+        w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+        mod = DirectQuantLinear(w, weight_spec=recipe.weight.replace(granularity="row"), act_spec=None,
+                                update_rounding=recipe.update_rounding)  # fmt: skip
+        mod.shard = _RowShard(mod.weight_codes, 8, 16, 24)
+        opt = DirectOptimizer([("l", mod)], lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+                              state_dtype=state, seed=7, fused=fused)  # fmt: skip
+        before = mod.weight_codes.clone()
+        launches = _launches(lambda opt=opt, mod=mod: [
+            (setattr(mod, "weight_grad", torch.randn(16, 64, generator=torch.Generator().manual_seed(s)) * 1e-2),
+             opt.step()) for s in range(3)])  # fmt: skip
+        assert bool(launches) == fused  # the kernel ran on the shard (and only when asked)
+        assert torch.equal(mod.weight_codes[:8], before[:8])  # the rows of the other rank: untouched
+        assert int((mod.weight_codes[8:] != before[8:]).sum()) > 0
+        out.append((mod.weight_codes.clone(), {k: v.clone() for k, v in opt.dqt_state["l"].items()
+                                               if torch.is_tensor(v)}))  # fmt: skip
+    (codes_t, st_t), (codes_f, st_f) = out
+    diff = (codes_t.int() - codes_f.int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2  # a rounding threshold crossed at most rarely
+    for k, v in st_t.items():
+        if v.dtype == torch.float32:
+            torch.testing.assert_close(st_f[k], v, rtol=1e-5, atol=1e-9)
+        else:  # 8-bit state codes
+            assert int(((st_f[k].int() - v.int()).abs() > 1).sum()) == 0, k

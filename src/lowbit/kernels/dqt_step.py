@@ -149,6 +149,7 @@ def dqt_adamw_step_reference(
     grad_scales: list[Tensor], steps: list[int], weight_decays: list[float], streams: list[int],
     exp_avg_streams: list[int], exp_avg_sq_streams: list[int], lr: float, beta1: float, beta2: float, eps: float,
     seed: int, bits: float, grid: str, granularity: str, group_size: int, stochastic: bool, zero_nonfinite: bool,
+    noise_offsets: list[int] | None = None,
 ) -> Tensor:  # fmt: skip
     """One DQT AdamW step of T tensors, in place; returns how many codes of each it changed (int64, (T,)).
 
@@ -161,10 +162,14 @@ def dqt_adamw_step_reference(
     inside backward); ``steps[i]`` the step number t of this update; ``weight_decays[i]``; the noise streams
     of the weight and of the 8-bit states (else unused). Hyper-parameters as :class:`lowbit.optim.DirectOptimizer`;
     the grid is ``QuantSpec(bits, grid, granularity=…, group_size=…)``, rounding stochastic or nearest. The ops
-    are those of ``DirectOptimizer._update`` (rule adamw), tested equal to it bit for bit."""
+    are those of ``DirectOptimizer._update`` (rule adamw), tested equal to it bit for bit. ``noise_offsets[i]``
+    (default 0): the global element index of tensor i's first element — an FSDP2 shard's row0·K — at which its
+    stochastic-rounding noise (weight and 8-bit states) is drawn, so a shard's update writes the rows of the
+    whole tensor's."""
     spec = _spec(bits, grid, granularity, group_size, stochastic)
     info = spec.info
     eight = bool(codes) and exp_avg[0].dtype == torch.int8
+    offs = noise_offsets or [0] * len(codes)
     flips = []
     for i, (c_store, g_in) in enumerate(zip(codes, grads, strict=True)):
         t = steps[i]
@@ -196,7 +201,7 @@ def dqt_adamw_step_reference(
                 x.lerp_(g, 1.0 - beta1)
             if eight:
                 enc = blockwise.encode_second_moment if second else blockwise.encode_signed
-                q, a = enc(x, counter_uniform(seed, t, stream[i], (n_pad,), device=x.device))
+                q, a = enc(x, counter_uniform(seed, t, stream[i], (n_pad,), offset=offs[i], device=x.device))
                 x_st.copy_(q)
                 absmax[i].copy_(a)
             elif x_st.dtype != torch.float32:
@@ -206,7 +211,8 @@ def dqt_adamw_step_reference(
         scratch = exp_avg_sq[i].dtype != torch.float32  # else v is the state itself: no in-place sqrt
         denom = (v.sqrt_() if scratch else v.sqrt()).div_(math.sqrt(bc2)).add_(eps)
         w.mul_(1.0 - lr * weight_decays[i]).addcdiv_(m, denom, value=-lr / bc1)
-        noise = counter_uniform(seed, t, streams[i], w.shape, device=w.device) if stochastic else None
+        noise = (counter_uniform(seed, t, streams[i], w.shape, offset=offs[i], device=w.device) if stochastic
+                 else None)
         new, _ = quantize(w, spec, scale=new_scales[i], noise=noise)
         c_store.view(rows, -1).copy_(pack(new, info.qmin, info.levels, check=False))
         flips.append((new != codes_old).sum())
@@ -278,7 +284,7 @@ def _st(ptrs, value, mask, MASKED: tl.constexpr):
 def _dqt_tile(
     tile, codes_ptr, grad_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, s_ptr, sn_ptr, coef_ptr, flips_ptr,
     n, K, KB, n_bytes, s_row, s_gs, wk1, wk2, mk1, mk2, vk1, vk2,
-    decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff,
+    decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff, noff,
     P: tl.constexpr, SB: tl.constexpr, BYTES: tl.constexpr, ALIGNED: tl.constexpr, SCALE: tl.constexpr,
     STATE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_COEF: tl.constexpr, ZERO_NONFINITE: tl.constexpr,
     MASKED: tl.constexpr,
@@ -346,12 +352,12 @@ def _dqt_tile(
         am = tl.maximum(tl.reduce(tl.abs(mz), 1, tl.standard._elementwise_max), 1e-30)
         rm = tl.math.div_rn(mz, am[:, None])
         sg = tl.where(rm > 0.0, 127.0, tl.where(rm < 0.0, -127.0, 0.0))
-        qm2 = tl.floor(sg * tl.math.sqrt_rn(tl.abs(rm)) + _uniform(e2, mk1, mk2))
+        qm2 = tl.floor(sg * tl.math.sqrt_rn(tl.abs(rm)) + _uniform(e2 + noff, mk1, mk2))
         _st(m_ptr + e2, qm2.to(tl.int8), pad_ok, MASKED)
         _st(ma_ptr + blk2, am, blk2 * 256 < n, MASKED)
         sz = tl.math.sqrt_rn(tl.maximum(tl.reshape(tl.where(valid, v, 0.0), (NB, 256)), 0.0))
         av = tl.maximum(tl.reduce(sz, 1, tl.standard._elementwise_max), 1e-30)
-        qv2 = tl.floor(256.0 * tl.math.sqrt_rn(tl.math.div_rn(sz, av[:, None])) - 1.0 + _uniform(e2, vk1, vk2))
+        qv2 = tl.floor(256.0 * tl.math.sqrt_rn(tl.math.div_rn(sz, av[:, None])) - 1.0 + _uniform(e2 + noff, vk1, vk2))
         _st(v_ptr + e2, tl.minimum(tl.maximum(qv2, 0.0), 255.0).to(tl.uint8), pad_ok, MASKED)
         _st(va_ptr + blk2, av, blk2 * 256 < n, MASKED)
 
@@ -369,7 +375,7 @@ def _dqt_tile(
     w = tl.fma(neg_step, tl.math.div_rn(m, denom), w)
     y = tl.math.div_rn(w, d_new) + goff
     if STOCHASTIC:
-        y = tl.floor(y + _uniform(e, wk1, wk2))
+        y = tl.floor(y + _uniform(e + noff, wk1, wk2))
     else:
         y = _round_half_even(y)
     y = y - (goff + goff)
@@ -388,7 +394,7 @@ def _dqt_tile(
 def _dqt_tile_any(
     tile, codes_ptr, grad_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, s_ptr, sn_ptr, coef_ptr, flips_ptr,
     n, K, KB, n_bytes, s_row, s_gs, wk1, wk2, mk1, mk2, vk1, vk2,
-    decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff,
+    decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff, noff,
     P: tl.constexpr, SB: tl.constexpr, BYTES: tl.constexpr, ALIGNED: tl.constexpr, SCALE: tl.constexpr,
     STATE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_COEF: tl.constexpr, ZERO_NONFINITE: tl.constexpr,
 ):  # fmt: skip
@@ -399,19 +405,19 @@ def _dqt_tile_any(
     if full:
         _dqt_tile(tile, codes_ptr, grad_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, s_ptr, sn_ptr, coef_ptr, flips_ptr,
                   n, K, KB, n_bytes, s_row, s_gs, wk1, wk2, mk1, mk2, vk1, vk2,
-                  decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff,
+                  decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff, noff,
                   P, SB, BYTES, ALIGNED, SCALE, STATE, STOCHASTIC, HAS_COEF, ZERO_NONFINITE, False)  # fmt: skip
     else:
         _dqt_tile(tile, codes_ptr, grad_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, s_ptr, sn_ptr, coef_ptr, flips_ptr,
                   n, K, KB, n_bytes, s_row, s_gs, wk1, wk2, mk1, mk2, vk1, vk2,
-                  decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff,
+                  decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff, noff,
                   P, SB, BYTES, ALIGNED, SCALE, STATE, STOCHASTIC, HAS_COEF, ZERO_NONFINITE, True)  # fmt: skip
 
 
 def _dqt_step_kernel(
     codes_ptr, grad_ptr, m_ptr, v_ptr, ma_ptr, va_ptr, s_ptr, sn_ptr, coef_ptr, flips_ptr,
     n, K, KB, n_bytes, s_row, s_gs, wk1, wk2, mk1, mk2, vk1, vk2,
-    decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff,
+    decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff, noff,
     P: tl.constexpr, SB: tl.constexpr, BYTES: tl.constexpr, ALIGNED: tl.constexpr, SCALE: tl.constexpr,
     STATE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_COEF: tl.constexpr, ZERO_NONFINITE: tl.constexpr,
 ):  # fmt: skip
@@ -422,7 +428,7 @@ def _dqt_step_kernel(
                   wk1.to(tl.uint32, bitcast=True), wk2.to(tl.uint32, bitcast=True),
                   mk1.to(tl.uint32, bitcast=True), mk2.to(tl.uint32, bitcast=True),
                   vk1.to(tl.uint32, bitcast=True), vk2.to(tl.uint32, bitcast=True),
-                  decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff,
+                  decay, neg_step, inv_sqrt_bc2, w1, b2, w2, eps, qmin, qmax, goff, noff,
                   P, SB, BYTES, ALIGNED, SCALE, STATE, STOCHASTIC, HAS_COEF, ZERO_NONFINITE)  # fmt: skip
 
 
@@ -444,8 +450,8 @@ def _dqt_step_group_kernel(
     STATE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_COEF: tl.constexpr, ZERO_NONFINITE: tl.constexpr,
 ):  # fmt: skip
     """Many tensors: a program finds its tensor by binary search over the first-tile column of the table (one
-    row of NF int64 per tensor: pointers 0–8, first tile 10, sizes 11–16, noise keys 17–22, float32 bits of the
-    per-tensor scalars 23–25), then updates its tile."""
+    row of NF int64 per tensor: pointers 0–8, noise offset 9, first tile 10, sizes 11–16, noise keys 17–22,
+    float32 bits of the per-tensor scalars 23–25), then updates its tile."""
     pid = tl.program_id(0)
     lo = 0
     hi = n_tensors
@@ -479,7 +485,7 @@ def _dqt_step_group_kernel(
         tl.load(row + 17).to(tl.uint32), tl.load(row + 18).to(tl.uint32), tl.load(row + 19).to(tl.uint32),
         tl.load(row + 20).to(tl.uint32), tl.load(row + 21).to(tl.uint32), tl.load(row + 22).to(tl.uint32),
         _field_f32(row, 23), _field_f32(row, 24), _field_f32(row, 25), w1, b2, w2, eps, qmin, qmax, goff,
-        P, SB, BYTES, ALIGNED, SCALE, STATE, STOCHASTIC, HAS_COEF, ZERO_NONFINITE,
+        tl.load(row + 9), P, SB, BYTES, ALIGNED, SCALE, STATE, STOCHASTIC, HAS_COEF, ZERO_NONFINITE,
     )  # fmt: skip
 
 
@@ -567,6 +573,7 @@ def dqt_adamw_step_triton(
     grad_scales: list[Tensor], steps: list[int], weight_decays: list[float], streams: list[int],
     exp_avg_streams: list[int], exp_avg_sq_streams: list[int], lr: float, beta1: float, beta2: float, eps: float,
     seed: int, bits: float, grid: str, granularity: str, group_size: int, stochastic: bool, zero_nonfinite: bool,
+    noise_offsets: list[int] | None = None,
 ) -> Tensor:  # fmt: skip
     """:func:`dqt_adamw_step_reference` in one Triton launch: the one-tensor kernel when T = 1 (all arguments
     passed directly), else the grouped kernel (a table of per-tensor arguments, copied to the device from pinned
@@ -575,6 +582,9 @@ def dqt_adamw_step_triton(
     n_t = len(codes)
     if n_t == 0:
         return torch.zeros(0, dtype=torch.int64)
+    offs = noise_offsets or [0] * n_t
+    if len(offs) != n_t or min(offs) < 0:
+        raise ValueError(f"noise_offsets: {n_t} element indices ≥ 0 expected, got {offs}")
     dev = codes[0].device
     interpret = _interpreting()
     if (dev.type == "cuda") == interpret:
@@ -635,7 +645,7 @@ def dqt_adamw_step_triton(
                 codes[0], grads[0], exp_avg[0], exp_avg_sq[0], aux[0][0], aux[0][1], scales[0], new_scales[0],
                 aux[0][2], flips, *geo[0], *(_i32(x) for x in keys[0]),
                 h0["decay"], h0["neg_step"], h0["inv_sqrt_bc2"], h0["w1"], h0["b2"], h0["w2"], h0["eps"],
-                info.qmin, info.qmax, goff, **common,
+                info.qmin, info.qmax, goff, offs[0], **common,
             )  # fmt: skip
             return flips
         table: list[int] = []
@@ -645,7 +655,7 @@ def dqt_adamw_step_triton(
             ptrs = [codes[i], grads[i], exp_avg[i], exp_avg_sq[i], aux[i][0], aux[i][1], scales[i], new_scales[i],
                     aux[i][2]]  # fmt: skip
             align16 &= all(p.data_ptr() % 16 == 0 for p in ptrs[:6])
-            table += [p.data_ptr() for p in ptrs] + [0, first, *geo[i], *keys[i]]
+            table += [p.data_ptr() for p in ptrs] + [offs[i], first, *geo[i], *keys[i]]
             table += [_f32_bits(h[i]["decay"]), _f32_bits(h[i]["neg_step"]), _f32_bits(h[i]["inv_sqrt_bc2"])]
             first += -(-geo[i][3] // tile_bytes)
         tab = torch.tensor(table, dtype=torch.int64)
@@ -673,13 +683,14 @@ def dqt_adamw_step(
     grad_scales: list[Tensor], steps: list[int], weight_decays: list[float], streams: list[int],
     exp_avg_streams: list[int], exp_avg_sq_streams: list[int], lr: float, beta1: float, beta2: float, eps: float,
     seed: int, bits: float, grid: str, granularity: str, group_size: int, stochastic: bool, zero_nonfinite: bool,
+    noise_offsets: list[int] | None = None,
 ) -> Tensor:  # fmt: skip
     """``torch.ops.lowbit.dqt_adamw_step``: the Triton kernel for CUDA tensors when Triton is installed (and
     the tensors are ones it takes), the torch reference otherwise; arguments and result as
     :func:`dqt_adamw_step_reference`."""
     args = (codes, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, scales, new_scales, grad_scales,
             steps, weight_decays, streams, exp_avg_streams, exp_avg_sq_streams, lr, beta1, beta2, eps, seed, bits,
-            grid, granularity, group_size, stochastic, zero_nonfinite)  # fmt: skip
+            grid, granularity, group_size, stochastic, zero_nonfinite, noise_offsets)  # fmt: skip
     eight = bool(codes) and exp_avg[0].dtype == torch.int8
     levels = _spec(bits, grid, granularity, group_size, stochastic).info.levels
     if (codes and codes[0].is_cuda and has_triton() and not _interpreting()

@@ -49,9 +49,10 @@ those rows and moments of the local shape; the stochastic-rounding noise is draw
 (offset row0·K), so the codes written are the single-process run's. 8-bit states keep their 256-value blocks
 per local shard, which are the global blocks when row0·K is a multiple of 256 (checked: N divisible by the
 world size and (N/world)·K by 256). ``to_flat`` hands the sharded states to DCP as DTensors (Shard(0)), so a
-checkpoint loads at any world size. Not (yet) for sharded layers: the fused kernel (the torch path runs),
-``update_in_backward``, ``adafactor`` (column statistics need every row), and ``scale`` other than "frozen"
-(a re-fit needs the whole tensor) — refused by the config and here.
+checkpoint loads at any world size. The fused kernel updates a shard as a tensor of its own (local codes,
+gradient, moments and rows of Δ) with its noise offset row0·K, so it writes the same codes as the torch path.
+Not (yet) for sharded layers: ``update_in_backward``, ``adafactor`` (column statistics need every row), and
+``scale`` other than "frozen" (a re-fit needs the whole tensor) — refused by the config and here.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ class DirectOptimizer:
             return
         why = [w for w, bad in (
             ("dqt.update_in_backward", self.update_in_backward), ("dqt.optimizer=adafactor", self.rule == "adafactor"),
-            (f"dqt.scale={self.scale}", self.scale != "frozen"), ("dqt.fused=on", self.fused is True)) if bad]
+            (f"dqt.scale={self.scale}", self.scale != "frozen")) if bad]
         if why:
             raise ValueError(f"FSDP2-sharded DQT codes do not support {', '.join(why)} yet (docs/distributed.md)")
         if self.state_dtype == "8bit":
@@ -510,8 +511,8 @@ class DirectOptimizer:
     # ---- the fused (Triton) update ------------------------------------------------------------------------
     def _use_fused(self, name: str, mod: DirectModule) -> bool:
         """Whether this tensor's next update runs in the fused kernel (see the module docstring)."""
-        if self.fused is False or self.rule != "adamw" or getattr(mod, "shard", None) is not None:
-            return False  # FSDP2-sharded layers: the torch path (the kernel takes whole tensors)
+        if self.fused is False or self.rule != "adamw":
+            return False
         ok = self._fused_ok.get(name)
         if ok is None:  # once per tensor: the device, Triton, and whether the kernel takes the tensor
             from lowbit.kernels import dqt_step  # imports no Triton: the kernels are built on first use
@@ -540,14 +541,20 @@ class DirectOptimizer:
         suffix = "_q" if eight else ""
         codes, grads, ms, vs, mas, vas, scales, new_scales, steps, wds, streams, m_streams, v_streams = (
             [] for _ in range(13))
+        offsets = []
         for name, mod, grad in items:
             st = self.dqt_state[name]
             t = st["step"] + 1
+            stored, row0, rows = self._local(mod)  # the whole tensor, or this rank's rows of it (FSDP2)
+            k = mod.weight_shape[-1]
+            shape = mod.weight_shape if stored is mod.weight_codes else (rows, k)
             if "exp_avg" + suffix not in st:
-                dev = mod.weight_codes.device
-                self._state_tensor(st, "exp_avg", mod.weight_numel, mod.weight_shape, dev, False)
-                self._state_tensor(st, "exp_avg_sq", mod.weight_numel, mod.weight_shape, dev, True)
-            codes.append(mod.weight_codes)
+                dev = stored.device
+                self._state_tensor(st, "exp_avg", rows * k, shape, dev, False)
+                self._state_tensor(st, "exp_avg_sq", rows * k, shape, dev, True)
+            codes.append(stored)
+            offsets.append(row0 * k)  # the noise of a shard is drawn at its global element indices
+            grad = grad.reshape(shape)
             grads.append(grad if grad.dtype == torch.float32 and grad.is_contiguous() else grad.float().contiguous())
             ms.append(st["exp_avg" + suffix])
             vs.append(st["exp_avg_sq" + suffix])
@@ -556,20 +563,23 @@ class DirectOptimizer:
                 vas.append(st["exp_avg_sq_absmax"])
                 m_streams.append(self._state_streams[name][0])
                 v_streams.append(self._state_streams[name][1])
-            scales.append(mod.weight_scale)
-            new_scales.append(self._new_scale(mod, spec, t))
+            s_old, s_new = mod.weight_scale, self._new_scale(mod, spec, t)
+            if stored is not mod.weight_codes and s_old.dim():  # a shard: its rows of a per-row / per-group Δ
+                s_new = s_old = s_old.reshape(mod.weight_shape[0], -1)[row0:row0 + rows]  # frozen (sharded rule)
+            scales.append(s_old)
+            new_scales.append(s_new)
             steps.append(t)
             wds.append(grp["weight_decay"] if self._decays[name] else 0.0)
             streams.append(self._streams[name])
         flips = dqt_step.dqt_adamw_step_triton(
             codes, grads, ms, vs, mas, vas, scales, new_scales, [] if coef is None else [coef], steps, wds, streams,
             m_streams, v_streams, grp["lr"], grp["betas"][0], grp["betas"][1], grp["eps"], self.seed, spec.bits,
-            spec.grid, spec.granularity, spec.group_size, spec.rounding == "stochastic", zero_nonfinite,
+            spec.grid, spec.granularity, spec.group_size, spec.rounding == "stochastic", zero_nonfinite, offsets,
         )
         for (name, mod, _), f, s_new, t in zip(items, flips.unbind(), new_scales, steps, strict=True):
             mod.last_flips = f
-            if s_new is not mod.weight_scale:  # signed_max: written after the kernel has read the old Δ
-                mod.weight_scale.copy_(s_new)
+            if s_new is not mod.weight_scale and getattr(mod, "shard", None) is None:  # signed_max: written after
+                mod.weight_scale.copy_(s_new)  # the kernel has read the old Δ (sharded layers: frozen, no copy)
             self.dqt_state[name]["step"] = t
 
     def _write_back(self, name: str, mod: DirectModule, w: torch.Tensor, spec: Any, scale: torch.Tensor | None,
