@@ -5,7 +5,8 @@
 1. GEMV: (K → N) = 4096 → 11008 and 11008 → 4096, batch 1 and 8: bf16 ``torch.matmul`` vs the kernel on
    ternary (2-bit and base-3), W2, W4 and W8 codes. Each row is timed as a CUDA graph of calls that rotate over
    enough weight copies that the working set exceeds 200 MB (the H100's L2 is 50 MB: every call streams its
-   weights from HBM). Reported: µs per call, GB/s (weights + scales + x + y) and % of the GPU's copy bandwidth (3.0 TB/s H100, 4.3 H200), speed-up vs
+   weights from HBM). Reported: µs per call, GB/s (weights + scales + x + y) and % of the GPU's copy bandwidth
+   (3.0 TB/s H100, 4.3 H200), speed-up vs
    bf16. Goals (issue): batch 1 ternary ≥ 5×, W4 ≥ 3×, W8 ≥ 1.8×; batch 8 ternary ≥ 4×, W4 ≥ 2.5×.
 2. End to end: decode tokens/s of the ``800m`` model (vocab 32000, random weights) — bf16 vs packed layers with
    the kernel hook — through lowbit.generate's CUDA-graph decode step (``_GraphedStep``, the step

@@ -22,8 +22,18 @@ def _entry(rank: int, fn: Callable, world: int, port: int, backend: str, timeout
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # Success: leave without the interpreter's teardown. Gloo's threads can still be joinable when C++ static
+    # destructors run, which aborts the process ("terminate called without an active exception", SIGABRT) —
+    # seen on a loaded 2-core machine after every rank had finished its work. Failures take the normal path
+    # above (the exception reaches torch.multiprocessing, which reports it to the caller).
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable, nprocs: int, *args: Any, backend: str = "gloo", timeout: float = 300.0) -> None:
