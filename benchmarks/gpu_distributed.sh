@@ -27,15 +27,7 @@ PSTEPS=${PSTEPS:-300}
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 
-step() {  # step NAME SECONDS COMMAND... — run under timeout, log to $OUT/NAME.log, record rc and time
-  local name=$1 limit=$2 t0=$SECONDS rc
-  shift 2
-  echo "=== [$name] (timeout ${limit}s, at ${SECONDS}s): $*"
-  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
-  rc=${PIPESTATUS[0]}
-  printf '%-10s rc=%-4s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >>"$SUMMARY"
-  echo "=== [$name] exit $rc after $((SECONDS - t0))s"
-}
+source benchmarks/gpu_steps.sh  # step NAME SECONDS COMMAND...
 
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
