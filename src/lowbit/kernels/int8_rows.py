@@ -10,13 +10,15 @@ float32,
 
 as about eight torch kernels (cast, abs, amax, clamp, two divisions, round, clamp, cast). The Triton kernel
 reads each row twice (the absmax sweep, then the codes) and writes the int8 codes and the float32 step: one
-launch, the same float32 operations — IEEE division (``div_rn``), round half to even by the 1.5·2²³ trick
-(|x / step| ≤ top + 1 < 2²²), so the codes and steps equal the reference's exactly (tests, Triton interpreter
-on CPU and compiled on the GPU).
+launch, the same float32 operations — IEEE division (``div_rn``), round half to even from ``floor`` (the DQT
+step's helper) — so the codes and steps equal the reference's exactly (tests, Triton interpreter on CPU).
 
-Status: exact in the interpreter and at small CUDA shapes, but the CUDA tests at 16384×768 and 8192×4608 failed
-on an H200 (2026-11-23; which elements differ is not yet known: the tests now print them). Until they pass,
-``backend="auto"`` (:data:`AUTO_ON_CUDA` False) takes the reference on CUDA too.
+Status: exact in the interpreter at every tested shape (16384×768 and 8192×4608 included) and at 3×130 on an
+H200, but the CUDA tests at 16384×768 and 8192×4608 failed there (2026-11-23; which elements differ is not yet
+known: the tests now print them). The rounding then used the 1.5·2²³ addition trick; it now uses the
+floor-based ties-to-even of the DQT step, whose CUDA tests pass — whether the trick was the cause is not
+known. Until the tests pass on a GPU, ``backend="auto"`` (:data:`AUTO_ON_CUDA` False) takes the reference on
+CUDA too.
 
 Dispatch: :func:`int8_rows` runs the kernel for CUDA tensors when Triton is installed and :data:`AUTO_ON_CUDA`,
 the reference otherwise or for specs it does not support; ``backend="triton"`` forces the kernel (CPU tensors: under
@@ -31,6 +33,7 @@ import functools
 import torch
 
 from lowbit.kernels._triton import custom_op, direct_call, has_triton, interpreting, jit_namespace, on_device
+from lowbit.kernels.dqt_step import _round_half_even  # ties to even with floor only (tested on the GPU there)
 from lowbit.quant.core import quantize
 from lowbit.quant.spec import QuantSpec
 
@@ -82,7 +85,7 @@ def _int8_rows_kernel(x_ptr, codes_ptr, step_ptr, M, K, stride_x, stride_c, top,
         v = tl.load(x_ptr + rows64[:, None] * stride_x + (k0 + cols)[None, :], mask=ok, other=0.0)
         y = tl.math.div_rn(v.to(tl.float32), step[:, None])
         y = tl.minimum(tl.maximum(y, -lim), lim)
-        r = (y + 12582912.0) - 12582912.0  # round half to even: |y| < 2²² leaves no fraction bits after the add
+        r = _round_half_even(y)
         c = tl.minimum(tl.maximum(r, qmin), qmax)
         tl.store(codes_ptr + rows64[:, None] * stride_c + (k0 + cols)[None, :], c.to(tl.int8), mask=ok)
 
@@ -94,7 +97,7 @@ def _kernel(interpret: bool):
 
     if interpret != interpreting():
         raise RuntimeError("TRITON_INTERPRET changed while the kernels were being built")
-    return jit_namespace(globals(), ("_int8_rows_kernel",), dict(triton=triton, tl=tl),
+    return jit_namespace(globals(), ("_round_half_even", "_int8_rows_kernel"), dict(triton=triton, tl=tl),
                          nospec={"_int8_rows_kernel": ("M",)})["_int8_rows_kernel"]
 
 
