@@ -188,7 +188,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_kernel(x):
             if self.track_stats:
-                self.last_weight_stats = self.weight_stats(self.weight)
+                self.last_weight_stats = self.weight_stats()
             return self._kernel_forward(x)
         w: torch.Tensor = self.weight
         rot = self.shared_rotation
@@ -208,14 +208,12 @@ class QuantLinear(nn.Linear):
 
     # ---- diagnostics --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def weight_stats(self, w: torch.Tensor | None = None) -> Stats:
-        """Masked fraction and signal/noise of quantizing ``w`` (default: the current weight; computed now, no
-        grad). {} for a weight sharded by FSDP2 outside its forward (a DTensor shard: its statistics are not the
-        whole matrix's; the forward with track_stats on records them from the gathered weight)."""
-        if self.weight_spec is None:
-            return {}
-        w = self.weight if w is None else w
-        if _is_dtensor(w):
+    def weight_stats(self) -> Stats:
+        """Masked fraction and signal/noise of quantizing the current weight (computed now, no grad). {} for a
+        weight sharded by FSDP2 outside its forward (a DTensor shard: its statistics are not the whole matrix's;
+        the forward with track_stats on records them from the gathered weight)."""
+        w = self.weight
+        if self.weight_spec is None or hasattr(w, "full_tensor"):  # FSDP2 shard: a DTensor
             return {}
         stats: Stats = {}
         fake_quantize(w, self._fq_weight, scale=self._scale("weight", w, self.weight_spec),
@@ -241,12 +239,6 @@ class QuantLinear(nn.Linear):
         a = self.act_spec.short() if self.act_spec else "-"
         k = "" if self.kernels == "off" else f", kernels={self.kernels}"
         return f"{super().extra_repr()}, weight=[{w}], act=[{a}]{k}"
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def kernel_blocker(kind: str, args: dict, k: int, device: torch.device, gemm_backend: str = "auto",
