@@ -233,18 +233,11 @@ def _gather_integers_as_stored() -> None:
     (``init_dtype_attrs`` clamps ``param_dtype`` to None for non-floating parameters). torch 2.11's FSDP2 casts
     them to the policy's bf16 for the all-gather: DQT's int8 codes then travel as 2 bytes a weight (measured on
     2 H200s: the same all-gather bytes as bf16). Wraps ``FSDPParam.init_dtype_attrs`` once, only where needed."""
-    import inspect
-
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
     orig = FSDPParam.init_dtype_attrs
-    if getattr(orig, "_lowbit_integers", False):
+    if getattr(orig, "_lowbit_integers", False) or "is_floating_point" in _fsdp_param_source("init_dtype_attrs"):
         return
-    try:
-        if "is_floating_point" in inspect.getsource(orig):
-            return
-    except (OSError, TypeError):
-        pass
 
     def init_dtype_attrs(self, mp_policy):
         orig(self, mp_policy)
@@ -259,16 +252,23 @@ def _fsdp2_keeps_requires_grad() -> bool:
     """Whether this torch's FSDP2 builds its sharded and unsharded Parameters with the original
     ``requires_grad`` (torch 2.13 does). Older FSDP2 (torch 2.11 among them) builds ``nn.Parameter(t)`` —
     requires_grad=True, which an integer tensor refuses — and only then calls ``requires_grad_``."""
+    src = _fsdp_param_source("_init_sharded_param", "init_unsharded_param")
+    return bool(src) and "nn.Parameter(self.to_sharded_dtensor(sharded_param))" not in src and \
+        "nn.Parameter(unsharded_param)" not in src
+
+
+def _fsdp_param_source(*methods: str) -> str:
+    """The source of FSDP2's ``FSDPParam`` methods (what the checks above read to tell torch versions apart),
+    or "" where it cannot be read — then both compatibility wraps are installed (each is a no-op where torch
+    already behaves so)."""
     import inspect
 
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
     try:
-        src = inspect.getsource(FSDPParam._init_sharded_param) + inspect.getsource(FSDPParam.init_unsharded_param)
+        return "".join(inspect.getsource(getattr(FSDPParam, m)) for m in methods)
     except (OSError, TypeError, AttributeError):
-        return False
-    return "nn.Parameter(self.to_sharded_dtensor(sharded_param))" not in src and \
-        "nn.Parameter(unsharded_param)" not in src
+        return ""
 
 
 _PARAMETER_NEW = nn.Parameter.__dict__["__new__"]
