@@ -332,13 +332,16 @@ class DirectOptimizer:
 
     # ---- the one-tensor update ------------------------------------------------------------------------------
     @staticmethod
-    def _local(mod: DirectModule) -> tuple[torch.Tensor, int, int]:
-        """(stored codes this rank updates, first global row, rows): the whole tensor, or its FSDP2 shard."""
+    def _local(mod: DirectModule) -> tuple[torch.Tensor, int, int, tuple[int, ...], torch.Tensor]:
+        """(stored codes this rank updates, first global row, rows, the shape of those rows of the weight, their
+        step Δ): the whole tensor, or its FSDP2 shard (its rows of a per-row / per-group Δ, a view)."""
         sh = getattr(mod, "shard", None)
         if sh is None:
-            k = mod.weight_shape[-1]
-            return mod.weight_codes, 0, mod.weight_numel // k
-        return sh.local(), sh.row0, sh.rows
+            return mod.weight_codes, 0, mod.weight_numel // mod.weight_shape[-1], mod.weight_shape, mod.weight_scale
+        scale = mod.weight_scale
+        if scale.dim():
+            scale = scale[sh.row0:sh.row0 + sh.rows]
+        return sh.local(), sh.row0, sh.rows, (sh.rows, mod.weight_shape[-1]), scale
 
     def _chunks(self, rows: int, k: int, device: torch.device, whole: bool) -> list[tuple[int, int]]:
         """Row ranges processed one after another: the float32 scratch is one chunk, not the tensor. 8-bit
@@ -402,17 +405,13 @@ class DirectOptimizer:
         wd = grp["weight_decay"] if self._decays[name] else 0.0
         t = st["step"] + 1
         k = mod.weight_shape[-1]
-        stored, row0, rows = self._local(mod)  # the whole tensor, or this rank's rows of it (FSDP2)
-        shape = mod.weight_shape if row0 == 0 and rows * k == mod.weight_numel else (rows, k)
+        stored, row0, rows, shape, scale_old = self._local(mod)  # the whole tensor, or this rank's rows (FSDP2)
         base = row0 * k  # global index of the first element: the noise is drawn there
         dev = stored.device
         spec = self._spec(mod)
         info = spec.info
         g_all = grad.reshape(rows, k)
-        scale_old = mod.weight_scale
         per_tensor = scale_old.dim() == 0
-        if not per_tensor and base:
-            scale_old = scale_old[row0:row0 + rows]
         recompute = self._recompute(t)
         scale_new = self._new_scale(mod, spec, t)  # None: quantize() re-fits it with the spec's rule
         if scale_new is mod.weight_scale:
@@ -545,9 +544,8 @@ class DirectOptimizer:
         for name, mod, grad in items:
             st = self.dqt_state[name]
             t = st["step"] + 1
-            stored, row0, rows = self._local(mod)  # the whole tensor, or this rank's rows of it (FSDP2)
+            stored, row0, rows, shape, s_old = self._local(mod)  # the whole tensor, or this rank's rows (FSDP2)
             k = mod.weight_shape[-1]
-            shape = mod.weight_shape if stored is mod.weight_codes else (rows, k)
             if "exp_avg" + suffix not in st:
                 dev = stored.device
                 self._state_tensor(st, "exp_avg", rows * k, shape, dev, False)
@@ -563,9 +561,9 @@ class DirectOptimizer:
                 vas.append(st["exp_avg_sq_absmax"])
                 m_streams.append(self._state_streams[name][0])
                 v_streams.append(self._state_streams[name][1])
-            s_old, s_new = mod.weight_scale, self._new_scale(mod, spec, t)
-            if stored is not mod.weight_codes and s_old.dim():  # a shard: its rows of a per-row / per-group Δ
-                s_new = s_old = s_old.reshape(mod.weight_shape[0], -1)[row0:row0 + rows]  # frozen (sharded rule)
+            s_new = self._new_scale(mod, spec, t)
+            if s_new is mod.weight_scale:
+                s_new = s_old  # frozen (the only policy of sharded layers): this rank's rows
             scales.append(s_old)
             new_scales.append(s_new)
             steps.append(t)
@@ -576,10 +574,10 @@ class DirectOptimizer:
             m_streams, v_streams, grp["lr"], grp["betas"][0], grp["betas"][1], grp["eps"], self.seed, spec.bits,
             spec.grid, spec.granularity, spec.group_size, spec.rounding == "stochastic", zero_nonfinite, offsets,
         )
-        for (name, mod, _), f, s_new, t in zip(items, flips.unbind(), new_scales, steps, strict=True):
+        for (name, mod, _), f, s_old, s_new, t in zip(items, flips.unbind(), scales, new_scales, steps, strict=True):
             mod.last_flips = f
-            if s_new is not mod.weight_scale and getattr(mod, "shard", None) is None:  # signed_max: written after
-                mod.weight_scale.copy_(s_new)  # the kernel has read the old Δ (sharded layers: frozen, no copy)
+            if s_new is not s_old:  # signed_max: written after the kernel has read the old Δ (frozen: one tensor)
+                mod.weight_scale.copy_(s_new)
             self.dqt_state[name]["step"] = t
 
     def _write_back(self, name: str, mod: DirectModule, w: torch.Tensor, spec: Any, scale: torch.Tensor | None,
