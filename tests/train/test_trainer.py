@@ -47,11 +47,18 @@ def test_exact_resume_matches_uninterrupted(tmp_path, tiny_corpus, make_cfg):
     b = make_cfg(tmp_path, tiny_corpus, "b")
     Trainer(b).fit(until_step=3)
     assert [s for s, _ in losses(tmp_path / "b")] == [1, 2, 3]
+    ck = tmp_path / "b" / "ckpt"
+    first = json.loads((ck / (ck / "latest").read_text().strip() / "state.json").read_text())["train_seconds"]
     Trainer(b, resume=True).fit()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit for bit: floats compared exactly
     ea = [r for r in read_log(tmp_path / "a", "eval")]
     eb = [r for r in read_log(tmp_path / "b", "eval")]
     assert [r["val_loss"] for r in ea] == [r["val_loss"] for r in eb]
+    # the summary's total training time runs through the checkpoint: the first process's seconds up to step 3
+    # plus the second's; train_seconds / tok_per_s stay this process's own
+    sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert first > 0
+    assert sb["train_seconds_total"] == pytest.approx(first + sb["train_seconds"])
 
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny_corpus, make_cfg):

@@ -158,11 +158,14 @@ class Trainer:
             self.loader.load_state_dict(state["data"])
             self.step = state["step"]
             self.tokens_seen = state["tokens_seen"]
+            # wall seconds of the earlier processes up to this checkpoint (0 for checkpoints that predate the field)
+            self.seconds_before = float(state.get("train_seconds", 0.0))
         else:
             if self.dist.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 ckpt.atomic_write_text(self.out / "config.json", cfg.to_json())
             self.tokens_seen = 0
+            self.seconds_before = 0.0
         self.logger = (RunLogger(self.out, tensorboard=cfg.train.tensorboard, truncate_after=self.step)
                        if self.dist.is_main else D.parallel.NullLogger())
 
@@ -277,6 +280,7 @@ class Trainer:
 
     def save(self) -> Path:
         extra = {"data": self.loader.state_dict(), "tokens_seen": self.tokens_seen,
+                 "train_seconds": self.seconds_before + time.perf_counter() - self._t_start,
                  "config": self.cfg.to_dict(), "params": self.params}
         if self.dist.enabled:  # sharded (DCP); the final one also consolidated to safetensors by rank 0
             return dist_ckpt.save_checkpoint(self.out, self.step, self.model, self.opt, extra, self.dist,
@@ -306,7 +310,7 @@ class Trainer:
         self.memory = None
         bar = _progress(cfg.progress and self.dist.is_main, self.step, stop)
         t_last, tok_last = time.perf_counter(), self.tokens_seen
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         start_step = self.step
         try:
             while self.step < stop:
@@ -354,7 +358,10 @@ class Trainer:
         summary: dict[str, Any] = {"step": self.step, "steps": self.cfg.train.steps, "tokens_seen": self.tokens_seen,
                                    "recipe": self.cfg.quant.recipe, "size": self.cfg.model.size,
                                    "params": self.params, "device": self.device.type,
-                                   "tok_per_s": tokens / max(elapsed, 1e-9), "train_seconds": elapsed}
+                                   "tok_per_s": tokens / max(elapsed, 1e-9), "train_seconds": elapsed,
+                                   # along the checkpoints this run resumed from (work redone after an
+                                   # interruption counted once); tok_per_s and train_seconds: this process only
+                                   "train_seconds_total": self.seconds_before + elapsed}
         if self.dist.enabled:
             summary |= {"world_size": self.dist.world_size, "parallel": self.cfg.train.parallel}
             if not self.dist.is_main:
