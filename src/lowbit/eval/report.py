@@ -99,20 +99,35 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write as a 120-dpi PNG and close ``fig``."""
+    """Lay out, write as a 120-dpi PNG (cropped to what is drawn: a legend beside the axes included) and close
+    ``fig``."""
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     pyplot().close(fig)
     return path
 
 
+def _run_styles(n: int) -> list[dict[str, Any]]:
+    """One distinct (color, line style) per run: matplotlib's 10-color cycle repeats after 10 runs, so larger
+    comparisons (a recipe grid) take tab20's 20 colors, then dashed lines."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    k = cmap.N
+    return [{"color": cmap(i % k), "linestyle": ("-", "--", ":")[(i // k) % 3]} for i in range(n)]
+
+
 def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path:
-    """Training loss (moving average over ``smooth`` points) and validation loss of each run, vs tokens."""
+    """Training loss (moving average over ``smooth`` points) and validation loss of each run, vs tokens.
+
+    The training panel's y range starts after the first 10 % of the tokens (the steep start would flatten the
+    differences between runs: it is in the log); more than six runs share one legend beside the panels."""
     plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
+    tails: list[float] = []
+    for r, style in zip(runs, _run_styles(len(runs)), strict=True):
         label = _label(Path(r))
         tr = read_log(r, "train")
         if tr:
@@ -120,11 +135,15 @@ def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path
             ys = [p["loss"] for p in tr]
             k = max(1, min(smooth, len(ys)))
             sm = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
-            a.plot(xs, sm, label=label)
+            a.plot(xs, sm, label=label, lw=1.2, **style)
+            tails += [y for x, y in zip(xs, sm, strict=True) if x >= 0.1 * xs[-1]]
         # the untrained point (tokens = 0) would dwarf the rest of the curve: it is in the table instead
         ev = [p for p in read_log(r, "eval") if "val_loss" in p and p.get("tokens", 0) > 0]
         if ev:
-            b.plot([p["tokens"] for p in ev], [p["val_loss"] for p in ev], marker="o", ms=3, label=label)
+            b.plot([p["tokens"] for p in ev], [p["val_loss"] for p in ev], marker="o", ms=3, label=label, **style)
+    if tails:
+        lo, hi = min(tails), max(tails)
+        a.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     a.set(title="training loss", xlabel="tokens", ylabel="loss (nats)")
     b.set(title="validation loss", xlabel="tokens", ylabel="loss (nats)")
     from matplotlib.ticker import EngFormatter
@@ -132,8 +151,13 @@ def plot_runs(runs: list[str | Path], path: str | Path, smooth: int = 5) -> Path
     for ax in (a, b):
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
+    handles, labels = b.get_legend_handles_labels() if b.lines else a.get_legend_handles_labels()
+    if len(labels) > 6:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    else:
+        for ax in (a, b):
+            if ax.lines:
+                ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
