@@ -9,10 +9,12 @@
    (3.0 TB/s H100, 4.3 H200), speed-up vs
    bf16. Goals (issue): batch 1 ternary ≥ 5×, W4 ≥ 3×, W8 ≥ 1.8×; batch 8 ternary ≥ 4×, W4 ≥ 2.5×.
 2. End to end: decode tokens/s of the ``800m`` model (vocab 32000, random weights) — bf16 vs packed layers with
-   the kernel hook — through lowbit.generate's CUDA-graph decode step (``_GraphedStep``, the step
+   the kernel hook — through lowbit.generate's CUDA-graph decode step (``DecodeStep``, the step
    ``generate_ids(cuda_graphs=True)`` replays), batch 1 and 8, bf16 autocast. Embeddings, norms and lm_head
    stay bf16 (lm_head alone is 131 MB, which bounds the end-to-end gain). ``bitnet-b1.58`` rows run the
-   8-bit activation quantizer in torch before the GEMV (the stopgap of packed_linear_kernel).
+   8-bit activation quantizer in torch before the GEMV (the stopgap of packed_linear_kernel). ``--compile``
+   adds rows whose step is ``torch.compile``d before capture (inductor fuses the per-layer small ops; the GEMV
+   stays the custom op); ``--e2e-variants bf16,bitnet-b1.58`` limits the models.
 
 3. Prefill (``--only prefill``; lowbit.kernels.packed_prefill): per layer, 4096 tokens × the ``800m`` shapes
    (K → N = 2048 → 2048, 2048 → 5632, 5632 → 2048): bf16 ``torch.matmul`` vs W4A4 (quest-w4a4: fused Hadamard +
@@ -159,12 +161,17 @@ def _packed_800m(recipe: str | None, weight_only: bool, vocab: int, max_seq_len:
 
 @torch.inference_mode()
 def bench_e2e(args, rows: list) -> None:
-    from lowbit.generate import KVCache, _GraphedStep
+    from lowbit.generate import DecodeStep, KVCache
 
     dev = torch.device("cuda")
     variants = [("bf16", None, True), ("ternary A16", "bitnet-b1.58", True),
                 ("bitnet-b1.58 (A8 stopgap)", "bitnet-b1.58", False), ("w4 A16 (quest-w4 grid, no rotation)",
                                                                         "quest-w4", True)]
+    if args.e2e_variants:
+        keep = {v.strip() for v in args.e2e_variants.split(",")}
+        name_of = lambda recipe, weight_only: "bf16" if recipe is None else (recipe if weight_only else "a8")  # noqa: E731
+        variants = [v for v in variants if name_of(v[1], v[2]) in keep]
+    modes = [False] + ([True] if args.compile else [])  # torch.compile the step (then captured) or not
     base = {}
     for label, recipe, weight_only in variants:
         if time.monotonic() > args.deadline:
@@ -175,24 +182,34 @@ def bench_e2e(args, rows: list) -> None:
             for m in model.modules():
                 if hasattr(m, "weight_spec") and m.weight_spec.hadamard:
                     m.weight_spec = m.weight_spec.replace(hadamard=False)
-        for b in (1, 8):
+        for b, compiled in ((b, c) for b in (1, 8) for c in modes):
+            if time.monotonic() > args.deadline:
+                print(f"e2e {label} b={b}: skipped (time budget)", flush=True)
+                continue
             prompt = torch.randint(0, args.vocab, (b, args.prompt), device=dev)
             cache = KVCache.for_model(model, b, args.prompt + args.steps + 4, dtype=torch.bfloat16, device=dev)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(prompt, cache=cache, pos=0)[:, -1]
             tok = logits.argmax(-1)
-            step = _GraphedStep(model, cache, b, args.prompt, dev, torch.bfloat16)
+            t_c = time.perf_counter()
+            torch._dynamo.reset()
+            step = DecodeStep(model, cache, b, args.prompt, dev, torch.bfloat16, cuda_graphs=True, compile=compiled)
             torch.cuda.synchronize()
+            t_c = time.perf_counter() - t_c
             t0 = time.perf_counter()
             for i in range(args.steps):
                 tok = step(tok, args.prompt + i).argmax(-1)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             tps = b * args.steps / dt
+            key = (b, compiled)
             if recipe is None:
-                base[b] = tps
-            rows.append(dict(model=label, batch=b, ms=1e3 * dt / args.steps, tps=tps, speedup=tps / base[b]))
-            print(f"e2e {label} b={b}: {1e3 * dt / args.steps:.2f} ms/step {tps:.0f} tok/s", flush=True)
+                base[key] = tps
+            name = label + (", compiled" if compiled else "")
+            rows.append(dict(model=name, batch=b, ms=1e3 * dt / args.steps, tps=tps,
+                             speedup=tps / base[key] if key in base else float("nan"), setup_s=t_c))
+            print(f"e2e {name} b={b}: {1e3 * dt / args.steps:.2f} ms/step {tps:.0f} tok/s (setup {t_c:.1f} s)",
+                  flush=True)
             del step, cache
         del model
         torch.cuda.empty_cache()
@@ -366,9 +383,11 @@ def write(args, gemv: list, e2e: list, prefill: tuple[list, list] = ((), ())) ->
                      f"| {r['speedup']:.2f}× | {goal} | {r['copies']} |")
     lines += ["", f"## End-to-end decode, 800m (vocab {args.vocab}, random weights), {args.steps} graphed steps "
               f"after a {args.prompt}-token prompt", "",
-              "| model | batch | ms / step | tokens/s | speed-up vs bf16 |", "|---|---|---|---|---|"]
+              "| model | batch | ms / step | tokens/s | speed-up vs bf16 (same mode) | setup s (compile + capture) |",
+              "|---|---|---|---|---|---|"]
     for r in e2e:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']:.2f} | {r['tps']:.0f} | {r['speedup']:.2f}× |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']:.2f} | {r['tps']:.0f} | {r['speedup']:.2f}× "
+                     f"| {r['setup_s']:.1f} |")
     if any(prefill):
         lines += prefill_lines(args, *prefill)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -383,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=64, help="timed decode steps per end-to-end row")
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--compile", action="store_true",
+                   help="end-to-end decode: also torch.compile each decode step (lowbit.generate.DecodeStep) "
+                   "before capturing it; speed-ups are against bf16 in the same mode")
+    p.add_argument("--e2e-variants", default="", help="comma list of end-to-end models to run: bf16, "
+                   "bitnet-b1.58 (ternary A16), a8 (BitNet's A8 stopgap), quest-w4; default all")
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--time-budget", type=float, default=220, help="seconds; end-to-end rows past it are skipped")

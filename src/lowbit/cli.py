@@ -334,7 +334,7 @@ def cmd_generate(args) -> int:
     if prompts is None and args.prompt is None and not sys.stdin.isatty():
         args.prompt = sys.stdin.read()
     opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, device=device, amp_dtype=amp,
-                cuda_graphs=cuda_graphs)
+                cuda_graphs=cuda_graphs, compile=args.compile)
     try:
         if prompts is None and args.num_samples == 1:  # one continuation, streamed
             pieces = generate(model, tok, args.prompt or "", args.max_new_tokens, seed=args.seed, **opts)
@@ -530,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, run the packed layers' matmuls with the Triton low-bit GEMV (default on)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the decode step as a CUDA graph (default: on when running on CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (fuses the small "
+                   "per-layer ops; the first token waits for compilation)")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     g.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="N continuations of the prompt in one batched decode, each after '--- sample i ---' "

@@ -195,25 +195,36 @@ def sample(logits: torch.Tensor, temperature: float = 0.8, top_k: int | None = N
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _GraphedStep:
-    """The one-token decode forward captured once as a CUDA graph and replayed (static input, position and
-    output tensors; the cache is read and written in place). Captured with the position of the first decode
-    step, so the throw-away writes of warm-up and capture land where that step writes anyway."""
+class DecodeStep:
+    """The one-token decode forward with static input, position and output tensors (the cache is read and written
+    in place, the position is a tensor: :meth:`KVCache.start`'s whole-buffer-under-a-mask path), optionally
+    compiled and/or captured once as a CUDA graph and replayed.
+
+    ``compile``: ``torch.compile`` the step (``dynamic=False``: one graph for the whole decode, the position being
+    a tensor). Inductor fuses the norms, RoPE, residual adds, SwiGLU and attention-mask arithmetic that run as
+    dozens of tiny kernels per layer in eager mode — at batch 1 those launches, not the weight bytes, set the
+    step time (docs/results.md §6); the packed layers' GEMV stays the library's custom op. The first call
+    compiles (tens of seconds for a large model). ``cuda_graphs``: capture the step (compiled or not) with the
+    position of the first decode step, so the throw-away writes of warm-up and capture land where that step
+    writes anyway; CUDA devices only."""
 
     def __init__(self, model: nn.Module, cache: KVCache, batch: int, first_pos: int, device: torch.device,
-                 amp: torch.dtype | None) -> None:
+                 amp: torch.dtype | None, *, cuda_graphs: bool = True, compile: bool = False) -> None:
         self.model, self.cache, self.amp = model, cache, amp
         self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.full((), first_pos, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._forward()
+        self._fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self.graph = None
+        if cuda_graphs and device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._fn()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._fn()
 
     def _forward(self) -> torch.Tensor:
         with _autocast(self.idx.device, self.amp):
@@ -222,8 +233,19 @@ class _GraphedStep:
     def __call__(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         self.idx.copy_(tok.view_as(self.idx))
         self.pos.fill_(pos)
+        if self.graph is None:
+            return self._fn()
         self.graph.replay()
         return self.out
+
+
+def _decode_step(model: nn.Module, cache: KVCache, batch: int, pos: int, dev: torch.device,
+                 amp: torch.dtype | None, cuda_graphs: bool, compile: bool) -> DecodeStep | None:
+    """The :class:`DecodeStep` that ``cuda_graphs`` / ``compile`` ask for, or None for the plain eager step."""
+    graphs = cuda_graphs and dev.type == "cuda"
+    if not (graphs or compile):
+        return None
+    return DecodeStep(model, cache, batch, pos, dev, amp, cuda_graphs=graphs, compile=compile)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -248,6 +270,7 @@ def generate_ids(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     cuda_graphs: bool = False,
+    compile: bool = False,
     on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids continuing ``prompt_ids`` (stops after ``eos_id``, which is
@@ -255,6 +278,7 @@ def generate_ids(
 
     ``seed``: the sampling generator's seed (None: nondeterministic). ``amp_dtype``: autocast dtype (bf16 on
     GPU). ``cuda_graphs``: replay the decode step as a CUDA graph (CUDA devices only; ignored elsewhere).
+    ``compile``: ``torch.compile`` the decode step (:class:`DecodeStep`; the first token waits for compilation).
     ``on_logits``: called with each step's float32 next-token logits (1, V) (tests, diagnostics)."""
     cfg = model.cfg
     ids = [int(i) for i in prompt_ids]
@@ -285,9 +309,7 @@ def generate_ids(
         logits = model(torch.tensor([ids], dtype=torch.long, device=dev), cache=cache, pos=0)[:, -1]  # prefill
     tok = pick(logits)
     pos = len(ids)
-    step = None
-    if cuda_graphs and dev.type == "cuda" and n_new > 1:
-        step = _GraphedStep(model, cache, 1, pos, dev, amp_dtype)
+    step = _decode_step(model, cache, 1, pos, dev, amp_dtype, cuda_graphs, compile) if n_new > 1 else None
     for i in range(n_new):
         t = int(tok)
         yield t
@@ -317,6 +339,7 @@ def generate_ids_batch(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     cuda_graphs: bool = False,
+    compile: bool = False,
     on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Continue several prompts in one batched decode; returns each row's new ids (up to ``max_new_tokens``,
@@ -363,9 +386,7 @@ def generate_ids_batch(
         logits = model(idx, cache=cache, pos=0)[:, -1]  # prefill
     tok = pick(logits)
     pos = longest
-    step = None
-    if cuda_graphs and dev.type == "cuda" and n_new > 1:
-        step = _GraphedStep(model, cache, B, pos, dev, amp_dtype)
+    step = _decode_step(model, cache, B, pos, dev, amp_dtype, cuda_graphs, compile) if n_new > 1 else None
     done = [False] * B
     for i in range(n_new):
         for b, t in enumerate(tok.tolist()):
@@ -444,6 +465,7 @@ def generate(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     cuda_graphs: bool = False,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Stream the continuation of ``prompt`` as text pieces (see :func:`generate_ids` for the options). The
     end-of-text token stops generation and is not printed."""
@@ -451,7 +473,8 @@ def generate(
     eos = _eos_id(tokenizer) if stop_at_eos else None
     streamer = TextStreamer(tokenizer, prompt_ids)
     for t in generate_ids(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, eos_id=eos, device=device, amp_dtype=amp_dtype, cuda_graphs=cuda_graphs):
+                          seed=seed, eos_id=eos, device=device, amp_dtype=amp_dtype, cuda_graphs=cuda_graphs,
+                          compile=compile):
         if eos is not None and t == eos:
             break
         piece = streamer.push(t)
@@ -476,6 +499,7 @@ def generate_batch(
     device: torch.device | str | None = None,
     amp_dtype: torch.dtype | None = None,
     cuda_graphs: bool = False,
+    compile: bool = False,
 ) -> list[str]:
     """The continuations of ``prompts`` (one string each), generated together in one batched decode
     (:func:`generate_ids_batch`: left padding for unequal lengths). N samples of one prompt: ``[prompt] * N``.
@@ -485,7 +509,7 @@ def generate_batch(
     pad = int(getattr(tokenizer, "eos_id", None) or 0)
     outs = generate_ids_batch(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               seed=seed, eos_id=eos, pad_id=pad, device=device, amp_dtype=amp_dtype,
-                              cuda_graphs=cuda_graphs)
+                              cuda_graphs=cuda_graphs, compile=compile)
     texts = []
     for p, out in zip(ids, outs, strict=True):
         if eos is not None and out and out[-1] == eos:
