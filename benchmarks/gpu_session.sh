@@ -18,6 +18,10 @@
 #   train130ro  220 s  bench_train at 130m with CUDA graphs (reduce-overhead) and per-block compile, kernels on/off
 #   gemv_tests   90 s  pytest -m needs_cuda: the decode GEMV and prefill kernels
 #   decode     rest    bench_decode.py (GEMV, end-to-end decode, prefill), only if ≥ 90 s are left
+#   int8_tests   60 s  pytest -m needs_cuda tests/kernels/test_int8_rows.py (the BitNet activation quantizer kernel)
+#   gen_tests    90 s  pytest -m needs_cuda tests/test_generate.py (CUDA-graph and compiled decode vs eager)
+#   e2e_c      rest    bench_decode.py --only e2e --compile: 800m decode, eager vs torch.compile'd step (both
+#                      CUDA-graphed), bf16 and ternary A16 ($E2E_VARIANTS), only if ≥ 90 s are left
 #
 # PART=train: tests dqt_fused kernels profile train130 parity train430; PART=inference: gemv_tests decode;
 # PART=diag: profile tests dqt_fused gemv_tests decode; PART=next: tests profile train130ro decode; PART=all (default): all of them. STEPS="a b" picks
@@ -84,6 +88,13 @@ for s in $STEPS; do
     else printf '%-10s skipped: %ss left of TOTAL=%s\n' train430 "$left" "$TOTAL" >>"$SUMMARY"; fi ;;
   gemv_tests) step gemv_tests "${T_GEMV:-90}" $PY -m pytest $TESTOPTS -m needs_cuda \
       tests/kernels/test_lowbit_gemv.py tests/kernels/test_packed_prefill.py ;;
+  int8_tests) step int8_tests "${T_INT8:-60}" env LOWBIT_AUTOTUNE=0 $PY -m pytest $TESTOPTS -m needs_cuda \
+      tests/kernels/test_int8_rows.py ;;
+  gen_tests) step gen_tests "${T_GEN:-90}" $PY -m pytest $TESTOPTS -m needs_cuda tests/test_generate.py ;;
+  e2e_c) if [ "$left" -ge 90 ]; then
+      step e2e_c "$left" $PY benchmarks/bench_decode.py --only e2e --compile \
+        --e2e-variants "${E2E_VARIANTS:-bf16,bitnet-b1.58}" --time-budget $((left - 45)) --out "$OUT/bench_decode_e2e.md"
+    else printf '%-10s skipped: %ss left of TOTAL=%s\n' e2e_c "$left" "$TOTAL" >>"$SUMMARY"; fi ;;
   decode) if [ "$left" -ge 90 ]; then  # GEMV + 800m decode tokens/s + prefill (≤ 4 min on an H100)
       step decode "$left" $PY benchmarks/bench_decode.py --time-budget $((left - 60)) --out "$OUT/bench_decode.md"
     else printf '%-10s skipped: %ss left of TOTAL=%s\n' decode "$left" "$TOTAL" >>"$SUMMARY"; fi ;;
@@ -94,7 +105,8 @@ done
 echo
 echo "================ summary (${SECONDS}s in all; outputs in $OUT) ================"
 cat "$SUMMARY"
-grep -h -E "passed|failed|error" "$OUT"/tests.log "$OUT"/dqt_fused.log "$OUT"/gemv_tests.log 2>/dev/null | tail -4
+grep -h -E "passed|failed|error" "$OUT"/tests.log "$OUT"/dqt_fused.log "$OUT"/gemv_tests.log "$OUT"/int8_tests.log \
+  "$OUT"/gen_tests.log 2>/dev/null | tail -6
 ls -la "$OUT"
 ( cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name 'session-*.tgz' -printf '%P\0' |
   tar -czf "session-$PART.tgz" --null -T - --remove-files ) && echo "packed into $OUT/session-$PART.tgz"

@@ -275,3 +275,21 @@ def test_compiled_decode_step_matches_eager(recipe="quest-w4a4"):
     rows = [[5, 17, 250, 3], [9, 9, 1]]  # left padding: the mask path under compile too
     assert generate_ids_batch(model, rows, 6, temperature=0, compile=True) == generate_ids_batch(
         model, rows, 6, temperature=0)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("recipe", [None, "bitnet-b1.58"])
+def test_cuda_graph_and_compiled_decode_match_eager_cuda(recipe):
+    # the decode step captured as a CUDA graph, and compiled then captured, give the eager step's logits
+    model = tiny(recipe).cuda()
+    prompt = [5, 17, 250, 3]
+    runs = {}
+    for name, opts in {"eager": {}, "graph": {"cuda_graphs": True},
+                       "compiled": {"cuda_graphs": True, "compile": True}}.items():
+        torch._dynamo.reset()
+        logits: list[torch.Tensor] = []
+        runs[name] = (list(generate_ids(model, prompt, 8, temperature=0, on_logits=logits.append, **opts)), logits)
+    for name in ("graph", "compiled"):
+        assert runs[name][0] == runs["eager"][0], name
+        for x, y in zip(runs["eager"][1], runs[name][1], strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
