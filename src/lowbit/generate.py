@@ -301,8 +301,8 @@ def generate_ids(
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        if on_logits is not None:
-            on_logits(logits)
+        if on_logits is not None:  # a copy: a CUDA-graph step returns the same output buffer every step
+            on_logits(logits.clone())
         return sample(logits, temperature, top_k, top_p, gen)
 
     with _autocast(dev, amp_dtype):
@@ -377,8 +377,8 @@ def generate_ids_batch(
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        if on_logits is not None:
-            on_logits(logits)
+        if on_logits is not None:  # a copy: a CUDA-graph step returns the same output buffer every step
+            on_logits(logits.clone())
         return sample(logits, temperature, top_k, top_p, gen)
 
     idx = torch.tensor([[pad_id] * p + r for p, r in zip(pads, rows, strict=True)], dtype=torch.long, device=dev)
