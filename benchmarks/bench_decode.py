@@ -18,11 +18,14 @@
 
 3. Prefill (``--only prefill``; lowbit.kernels.packed_prefill): per layer, 4096 tokens × the ``800m`` shapes
    (K → N = 2048 → 2048, 2048 → 5632, 5632 → 2048): bf16 ``torch.matmul`` vs W4A4 (quest-w4a4: fused Hadamard +
-   activation quantization → FP8 scaled_mm, the quantization included in the time) and BitNet b1.58 (8-bit
-   per-token codes → INT8 scaled_mm), weight operand cached; the W4A4 quantizer and GEMM also alone. Goal: W4A4
-   ≥ 1.6× bf16. End to end: one forward of a 512-token prompt into the KV cache (what ``generate_ids`` prefills),
-   batch 1 and 8, 800m, bf16 autocast, bf16 vs packed quest-w4a4 / bitnet-b1.58 with ``install_all``. Goal:
-   W4A4 ≥ 1.4× at batch 8. CUDA events, median of ``--reps``.
+   activation quantization → FP8 scaled_mm, the quantization included in the time; with scaled_mm's auto backend
+   and with its Triton kernel) and BitNet b1.58 (8-bit per-token codes → INT8 scaled_mm), weight operand cached;
+   alone: the W4A4 quantizer (GB/s and % of the copy bandwidth), the FP8 GEMM per backend (torch._scaled_mm,
+   Triton), the INT8 GEMM per backend (Triton, torch._int_mm). Each row eager (host time included) and as a CUDA
+   graph (device time), inputs rotated over copies larger than the L2. Goal: W4A4 ≥ 1.6× bf16. End to end: one
+   forward of a 512-token prompt into the KV cache (what ``generate_ids`` prefills), batch 1 and 8, 800m, bf16
+   autocast, bf16 vs packed quest-w4a4 / bitnet-b1.58 with ``install_all``. Goal: W4A4 ≥ 1.4× at batch 8. CUDA
+   events, median of ``--reps``.
 
 Writes markdown (machine, date, command, tables) to ``--out`` after every section.
 """
@@ -223,20 +226,27 @@ PREFILL_E2E_GOALS = {("quest-w4a4", 8): 1.4}
 
 
 def _time_events(fn, iters: int, reps: int) -> float:
-    """µs per call of ``fn()``, eager, ``iters`` calls between two CUDA events, median of ``reps``."""
-    for _ in range(3):
-        fn()  # warm-up: autotuning, weight-operand cache
+    """µs per call of ``fn(i)``, eager, calls i = 0 … iters − 1 between two CUDA events, median of ``reps``: the
+    time a caller sees, host overhead included whenever the host is the slower side."""
+    for i in range(3):
+        fn(i)  # warm-up: autotuning, weight-operand cache
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for _ in range(iters):
-            fn()
+        for i in range(iters):
+            fn(i)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / iters)
     return sorted(times)[len(times) // 2]
+
+
+def _copies(nbytes: int, args) -> int:
+    """Input copies a timed loop rotates over so that its working set exceeds ``--working-set-mb`` (the L2 is
+    50 MB: every call then reads its operands from HBM, as in a model's forward)."""
+    return max(2, -(-int(args.working_set_mb * 2**20) // max(nbytes, 1)))
 
 
 def _prefill_layer(recipe: str, n: int, k: int, dev):
@@ -252,52 +262,101 @@ def _prefill_layer(recipe: str, n: int, k: int, dev):
     return layer
 
 
-def prefill_layer_row(shape: str, tokens: int, variant: str, us: float, flops: float, base: float | None) -> dict:
-    """One per-layer row: µs, TFLOP/s (2·M·N·K, whatever the operand format), speed-up vs bf16, goal."""
-    speedup = None if base is None else base / us
+def prefill_layer_row(shape: str, tokens: int, variant: str, us: float, graph_us: float | None, flops: float,
+                      base: tuple[float, float | None] | None, moved: float = 0.0) -> dict:
+    """One per-layer row: µs eager and as a CUDA graph (device time), TFLOP/s (2·M·N·K whatever the operand format;
+    device time), GB/s and % of the copy bandwidth for the memory-bound quantizer (``moved`` bytes), speed-up vs
+    bf16 (eager and graph), goal (on both)."""
+    graph = graph_us if graph_us is not None else us
+    sp = None if base is None else base[0] / us
+    sp_graph = None if base is None or base[1] is None or graph_us is None else base[1] / graph_us
     goal = PREFILL_GOALS.get(variant)
-    return dict(shape=shape, tokens=tokens, variant=variant, us=us, tflops=flops / us / 1e6, speedup=speedup,
-                goal=goal, met=None if goal is None or speedup is None else speedup >= goal)
+    return dict(shape=shape, tokens=tokens, variant=variant, us=us, graph_us=graph_us, tflops=flops / graph / 1e6,
+                gbs=moved / graph / 1e3, pct=100 * moved / graph * 1e6 / hbm_bytes_per_s() if moved else 0.0,
+                speedup=sp, speedup_graph=sp_graph, goal=goal,
+                met=None if goal is None or sp is None else sp >= goal,
+                met_graph=None if goal is None or sp_graph is None else sp_graph >= goal)
 
 
 @torch.inference_mode()
 def bench_prefill_layers(args, rows: list) -> None:
+    """Per layer, M = ``--prefill-tokens`` rows at each 800m shape: bf16, quest-w4a4 (auto GEMM backend and the
+    Triton GEMM), the W4A4 quantizer alone, the FP8 GEMM alone per backend, BitNet b1.58 and its INT8 GEMM per
+    backend. Each row is timed eagerly and as a CUDA graph of ``--prefill-iters`` calls; every variant rotates over
+    input copies larger than the L2 (_copies). A variant that fails is reported and the others still run."""
+    for k, n in PREFILL_SHAPES:
+        first = len(rows)
+        _prefill_shape(args, k, n, rows)
+        for r in rows[first:]:
+            if "failed" in r:
+                print(f"prefill {r['shape']} {r['variant']}: failed: {r['failed']}", flush=True)
+                continue
+            sp = "" if r["speedup"] is None else f"x{r['speedup']:.2f} eager"
+            sp += "" if r["speedup_graph"] is None else f", x{r['speedup_graph']:.2f} graph"
+            graph = "" if r["graph_us"] is None else f"graph {r['graph_us']:8.1f} us "
+            bw = f" {r['gbs']:6.0f} GB/s {r['pct']:3.0f}%" if r["gbs"] else ""
+            print(f"prefill {r['shape']} M={r['tokens']} {r['variant']:36s} {r['us']:8.1f} us {graph}"
+                  f"{r['tflops']:6.0f} TFLOP/s{bw} {sp}", flush=True)
+        torch.cuda.empty_cache()
+
+
+def _prefill_shape(args, k: int, n: int, rows: list) -> None:
     from lowbit.kernels import packed_prefill as pp
+    from lowbit.kernels.bitnet_linear import quantize_int8
     from lowbit.kernels.hadamard_quant import hadamard_quantize
     from lowbit.kernels.scaled_mm import scaled_mm
 
     dev = torch.device("cuda")
     m = args.prefill_tokens
-    for k, n in PREFILL_SHAPES:
-        shape, flops = f"{k}→{n}", 2.0 * m * n * k
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-        base = _time_events(lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out), args.prefill_iters, args.reps)
-        rows.append(prefill_layer_row(shape, m, "bf16", base, flops, base))
-        for recipe in ("quest-w4a4", "bitnet-b1.58"):
-            layer = _prefill_layer(recipe, n, k, dev)
-            assert pp.supports(layer), recipe
-            us = _time_events(lambda layer=layer, x=x: pp.prefill_kernel(layer, x), args.prefill_iters, args.reps)
-            rows.append(prefill_layer_row(shape, m, recipe, us, flops, base))
-            if recipe == "quest-w4a4":  # the two halves alone
-                plan = pp.prefill_plan(layer)
-                cw, sw = pp.prefill_weight(layer, plan["fmt"])
-                cx, sx, _ = hadamard_quantize(x, plan["bits"], plan["block"], out=plan["fmt"])
-                q_us = _time_events(lambda x=x, plan=plan: hadamard_quantize(x, plan["bits"], plan["block"],
-                                                                             out=plan["fmt"]),
-                                    args.prefill_iters, args.reps)
-                g_us = _time_events(lambda cx=cx, cw=cw, sx=sx, sw=sw: scaled_mm(cx, cw, sx, sw),
-                                    args.prefill_iters, args.reps)
-                rows.append(prefill_layer_row(shape, m, "  quantizer only (W4A4)", q_us, 0.0, None))
-                rows.append(prefill_layer_row(shape, m, "  FP8 GEMM only (W4A4)", g_us, flops, base))
-            del layer
-        for r in rows[-5:]:
-            sp = "" if r["speedup"] is None else f"x{r['speedup']:.2f}"
-            print(f"prefill {r['shape']} M={m} {r['variant']:26s} {r['us']:9.1f} us {r['tflops']:7.1f} TFLOP/s {sp}",
-                  flush=True)
-        del x, w, out
-        torch.cuda.empty_cache()
+    shape, flops = f"{k}→{n}", 2.0 * m * n * k
+    xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16) for _ in range(_copies(2 * m * k, args))]
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+    quest, bitnet = _prefill_layer("quest-w4a4", n, k, dev), _prefill_layer("bitnet-b1.58", n, k, dev)
+    plan = pp.prefill_plan(quest)
+    cw, sw = pp.prefill_weight(quest, plan["fmt"])
+    bw, bsw = pp.prefill_weight(bitnet, "int8")
+    q8 = [hadamard_quantize(x, plan["bits"], plan["block"], out=plan["fmt"])[:2] for x in xs]
+    i8 = [(c, s.float().reshape(-1).contiguous()) for c, s in (quantize_int8(x, bitnet.act_spec) for x in xs)]
+    quant_bytes = m * k * (2 + 1 + 1 / 8) + 4 * m  # x read; FP8 codes, packed mask, scales written
+
+    def quantizer(i):
+        return hadamard_quantize(xs[i % len(xs)], plan["bits"], plan["block"], out=plan["fmt"])
+
+    def gemm(ops, wc, ws, backend):  # the GEMM alone on pre-quantized activations, rotated like x
+        return lambda i: scaled_mm(ops[i % len(ops)][0], wc, ops[i % len(ops)][1], ws, backend=backend)
+
+    def layer(lay, **kw):
+        return lambda i: pp.prefill_kernel(lay, xs[i % len(xs)], **kw)
+
+    variants = [  # (name, callable of the call index, bytes moved for the GB/s column or 0)
+        ("bf16", lambda i: torch.matmul(xs[i % len(xs)], w.t(), out=out), 0),
+        ("quest-w4a4", layer(quest), 0),
+        ("quest-w4a4, Triton GEMM", layer(quest, gemm_backend="triton"), 0),
+        ("  quantizer only (W4A4)", quantizer, quant_bytes),
+        ("  FP8 GEMM only, torch._scaled_mm", gemm(q8, cw, sw, "torch"), 0),
+        ("  FP8 GEMM only, Triton", gemm(q8, cw, sw, "triton"), 0),
+        ("bitnet-b1.58", layer(bitnet), 0),
+        ("  INT8 GEMM only, Triton", gemm(i8, bw, bsw, "triton"), 0),
+        ("  INT8 GEMM only, torch._int_mm", gemm(i8, bw, bsw, "torch"), 0),
+    ]
+    base = None
+    for name, fn, moved in variants:
+        try:
+            us = _time_events(fn, args.prefill_iters, args.reps)
+        except Exception as e:  # a backend this machine or torch lacks: report, keep going
+            msg = f"{type(e).__name__}: {str(e)[:80]}".replace("|", "/").replace("\n", " ")
+            rows.append(dict(shape=shape, tokens=m, variant=name, failed=msg))
+            continue
+        try:
+            graph_us = _time_graph(fn, args.prefill_iters, args.reps)
+        except Exception as e:  # not capturable: the eager time stands alone
+            print(f"prefill {shape} {name}: no CUDA graph ({type(e).__name__}: {str(e)[:80]})", flush=True)
+            graph_us = None
+        base = (us, graph_us) if name == "bf16" else base
+        is_gemm = "quantizer" not in name
+        rows.append(prefill_layer_row(shape, m, name, us, graph_us, flops if is_gemm else 0.0,
+                                      base if is_gemm else None, moved))  # fmt: skip
 
 
 @torch.inference_mode()
@@ -319,7 +378,7 @@ def bench_prefill_e2e(args, rows: list) -> None:
             prompt = torch.randint(0, args.vocab, (b, seq), device=dev)
             cache = KVCache.for_model(model, b, seq + 8, dtype=torch.bfloat16, device=dev)
 
-            def fwd(model=model, prompt=prompt, cache=cache):
+            def fwd(_, model=model, prompt=prompt, cache=cache):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     model(prompt, cache=cache, pos=0)
 
@@ -338,23 +397,37 @@ def bench_prefill_e2e(args, rows: list) -> None:
 
 def prefill_lines(args, layers: list, e2e: list) -> list[str]:
     """The markdown of the prefill section (pure: no GPU needed)."""
-    def fmt_goal(r):
-        return "" if r["goal"] is None else f"≥ {r['goal']}× {'✓' if r['met'] else '✗'}"
+    def mark(ok):
+        return "✓" if ok else "✗"
 
-    def fmt_sp(r):
-        return "" if r["speedup"] is None else f"{r['speedup']:.2f}×"
+    def fmt_sp(r, key="speedup"):
+        return "" if r.get(key) is None else f"{r[key]:.2f}×"
 
+    copy = hbm_bytes_per_s() / 1e12
     lines = ["", f"## Prefill GEMM per layer, {args.prefill_tokens} tokens, 800m shapes (quantization included)", "",
-             "| K → N | variant | µs | TFLOP/s | speed-up vs bf16 | goal |", "|---|---|---|---|---|---|"]
+             "Eager: the time a caller sees (host overhead included when the host is the slower side); graph: the "
+             f"same {args.prefill_iters} calls replayed as a CUDA graph (device time). Inputs rotate over copies "
+             f"> {args.working_set_mb} MB (HBM, not L2). TFLOP/s from the graph time; GB/s (x read, FP8 codes, "
+             f"packed mask and scales written) and % of the {copy:.1f} TB/s copy bandwidth for the quantizer.", "",
+             "| K → N | variant | µs eager | µs graph | TFLOP/s | GB/s | % copy | × bf16 eager | × bf16 graph | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in layers:
+        if "failed" in r:
+            lines.append(f"| {r['shape']} | {r['variant']} | failed: {r['failed']} |  |  |  |  |  |  |  |")
+            continue
+        graph = "" if r["graph_us"] is None else f"{r['graph_us']:.1f}"
         tf = f"{r['tflops']:.0f}" if r["tflops"] else ""
-        lines.append(f"| {r['shape']} | {r['variant']} | {r['us']:.1f} | {tf} | {fmt_sp(r)} | {fmt_goal(r)} |")
+        bw = (f"{r['gbs']:.0f} | {r['pct']:.0f}%") if r["gbs"] else " | "
+        goal = "" if r["goal"] is None else (f"≥ {r['goal']}×: eager {mark(r['met'])}"
+                                             + ("" if r["met_graph"] is None else f", graph {mark(r['met_graph'])}"))
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['us']:.1f} | {graph} | {tf} | {bw} | {fmt_sp(r)} | "
+                     f"{fmt_sp(r, 'speedup_graph')} | {goal} |")
     lines += ["", f"## End-to-end prefill, 800m (vocab {args.vocab}, random weights), {args.prefill_seq}-token "
               "prompt into the KV cache, bf16 autocast", "",
               "| model | batch | ms | tokens/s | speed-up vs bf16 | goal |", "|---|---|---|---|---|---|"]
     for r in e2e:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']:.2f} | {r['tps']:.0f} | {fmt_sp(r)} | "
-                     f"{fmt_goal(r)} |")
+        goal = "" if r["goal"] is None else f"≥ {r['goal']}× {mark(r['met'])}"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']:.2f} | {r['tps']:.0f} | {fmt_sp(r)} | {goal} |")
     return lines
 
 

@@ -274,7 +274,7 @@ HQ_SHAPES = [
 SMOKE_HQ = [("smoke", 48, 256, torch.bfloat16)]
 #: Memory copy bandwidth measured on the H100 (DESIGN.md), the roofline of these single-pass kernels.
 COPY_TBPS = 3.0
-#: Launch configurations of --hq-sweep: (block_m, num_warps).
+#: Backward launch configurations of --hq-sweep: (block_m, num_warps); the forward sweeps its GPU_CONFIGS.
 HQ_SWEEP = [(16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)]
 
 
@@ -294,8 +294,8 @@ def bench_hadamard_quant(args: argparse.Namespace) -> list[dict]:
     backward Hᵀ(mask ⊙ g): the fused Triton kernels against the torch reference (eager and torch.compile) and
     lowbit's fake_quantize (the QuantLinear path, forward only). GB/s counts the bytes the fused op must move:
     forward x + codes (1 B) + mask (1/8 B) + scales, backward g + mask + dx; "% copy" is that over the 3.0 TB/s
-    memory copy; "vs ref" the speed-up over the eager reference. ``--hq-sweep`` adds the kernels' (block_m,
-    num_warps) launch variants."""
+    memory copy; "vs ref" the speed-up over the eager reference; "fused kernel" is the autotuned forward.
+    ``--hq-sweep`` adds every forward GPU config and the backward's (block_m, num_warps) launch variants."""
     shapes = SMOKE_HQ if args.smoke else HQ_SHAPES[1:4] if args.quick else HQ_SHAPES
     return _bandwidth_rows(args, shapes, _hq_variants)
 
@@ -375,19 +375,13 @@ def _hq_variants(args: argparse.Namespace, m: int, k: int, dtype: torch.dtype, d
     ]
     if args.quick:  # no torch.compile'd references: their compilation dominates a bounded run
         out = [v for v in out if "torch.compile" not in v[1]]
+    for bm, ks, nw, st in hq.GPU_CONFIGS if args.hq_sweep else ():
+        cfg = hq._gpu_config(bm, ks, nw, st)
+        out.append(("fwd", f"kernel block_m={bm} k_split={ks} warps={nw} stages={st}", fwd_bytes,
+                    lambda cfg=cfg: hq.hadamard_quantize_triton(x, 4, config=cfg)))  # fmt: skip
     for bm, nw in HQ_SWEEP if args.hq_sweep else ():
-        cfg = f"kernel block_m={bm} warps={nw}"
-        out.append(
-            ("fwd", cfg, fwd_bytes, lambda bm=bm, nw=nw: hq.hadamard_quantize_triton(x, 4, block_m=bm, num_warps=nw))
-        )
-        out.append(
-            (
-                "bwd",
-                cfg,
-                bwd_bytes,
-                lambda bm=bm, nw=nw: hq.masked_inverse_hadamard_triton(g, mask, block_m=bm, num_warps=nw),
-            )
-        )
+        out.append(("bwd", f"kernel block_m={bm} warps={nw}", bwd_bytes,
+                    lambda bm=bm, nw=nw: hq.masked_inverse_hadamard_triton(g, mask, block_m=bm, num_warps=nw)))
     return sorted(out, key=lambda v: v[0] == "bwd")  # stable: forward rows, then backward rows
 
 
@@ -528,7 +522,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--gemm-variants", default=DEFAULT_GEMM_VARIANTS,
                    help=f"gemm bench: comma-separated of {', '.join(GEMM_VARIANTS)}")  # fmt: skip
     p.add_argument("--hq-sweep", action="store_true",
-                   help="hadamard_quant bench: also time the kernels' (block_m, num_warps) variants")  # fmt: skip
+                   help="hadamard_quant bench: also time every forward GPU config, backward launches")  # fmt: skip
     p.add_argument("--dqt-tiles", default="", help="dqt_step bench: extra fused rows, e.g. 2048x8,1024x4 "
                    "(elements per program × warps)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="report path (default results/bench_kernels_<device>.md)")

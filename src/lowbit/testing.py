@@ -102,3 +102,20 @@ class ByteTok:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# comparisons
+# ----------------------------------------------------------------------------------------------------------
+
+
+def within_one_bf16_ulp(y, ref) -> bool:
+    """Whether every bf16 value of ``y`` is ``ref``'s or one of its two neighbours — what a library GEMM's epilogue
+    can do by multiplying the two float32 scales in another order before its bf16 rounding (±0 count as equal)."""
+    import torch
+
+    def order(t):  # bf16 bit patterns → integers in the order of the values (±0 → 0, neighbours differ by 1)
+        i = t.contiguous().view(torch.int16).int()
+        return torch.where(i >= 0, i, -(i & 0x7FFF))
+
+    return bool(((order(y) - order(ref)).abs() <= 1).all())

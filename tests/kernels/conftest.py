@@ -1,14 +1,15 @@
 """Kernel tests: the ``interpret`` fixture for tests that run Triton kernels in Triton's CPU interpreter, and the
-GEMM kernels' autotuner off by default.
+kernels' autotuner off by default.
 
 Such tests (named ``*_interpreted``) need TRITON_INTERPRET=1 before triton is first imported: in a normal run
 the fixture skips them, and each file's ``test_*_in_triton_interpreter`` runs them in a child pytest
 (:func:`lowbit.testing.run_interpreted_tests`).
 
 ``LOWBIT_AUTOTUNE`` is "0" in every test here unless the environment sets it: the autotuned GPU kernels
-(scaled_mm, packed_mm, lowbit_gemv) then compile their one ``DEFAULT_GPU_CONFIG`` instead of benchmarking every
-``GPU_CONFIGS`` entry at each of the tests' many shapes (about a second per config and shape on an H100). One
-``needs_cuda`` test per kernel sets it to "1" (``*_autotuned``) and keeps the autotuned path covered;
+(scaled_mm, packed_mm, lowbit_gemv, hadamard_quant's forward) then compile their one ``DEFAULT_GPU_CONFIG`` instead
+of benchmarking every ``GPU_CONFIGS`` entry at each of the tests' many shapes (about a second per config and shape
+on an H100). One ``needs_cuda`` test per kernel sets it to "1" (``*_autotuned``; hadamard_quant's:
+``test_autotuned_launch_cuda``) and keeps the autotuned path covered;
 ``LOWBIT_AUTOTUNE=1 pytest …`` autotunes everywhere. No pytest-timeout needed.
 """
 

@@ -1,4 +1,4 @@
-"""LOWBIT_AUTOTUNE: the switch between the GEMM kernels' autotuner and one fixed GPU configuration (CPU only: the
+"""LOWBIT_AUTOTUNE: the switch between the kernels' autotuner and one fixed GPU configuration (CPU only: the
 decision functions and the launch helper with stand-in kernels; the GPU runs of both paths are the needs_cuda
 tests of each kernel's file)."""
 
@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lowbit.kernels import hadamard_quant as hq
 from lowbit.kernels import lowbit_gemv as lg
 from lowbit.kernels import packed_mm as pm
 from lowbit.kernels import scaled_mm as sm
@@ -63,6 +64,7 @@ def test_defaults_are_gpu_configs_entries() -> None:
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages", "num_warps", "SUBTILE")
     assert _entry(sm.DEFAULT_GPU_CONFIG, names) in sm.GPU_CONFIGS
     assert sm.DEFAULT_GPU_CONFIG["GROUP_M"] == 8 and "NUM_SMS" not in sm.DEFAULT_GPU_CONFIG  # NUM_SMS: the device's
+    assert _entry(hq.DEFAULT_GPU_CONFIG, ("BLOCK_M", "K_SPLIT", "num_warps", "num_stages")) in hq.GPU_CONFIGS
 
 
 def test_scaled_mm_default_survives_the_promotion_pruning() -> None:

@@ -219,13 +219,23 @@ def test_bench_decode_prefill_cpu_logic(tmp_path) -> None:
     assert bench.sections(bench.build_parser().parse_args(["--only", "decode"])) == {"gemv", "e2e"}
     assert (args.prefill_tokens, args.prefill_seq) == (4096, 512)
     flops = 2.0 * 4096 * 2048 * 2048
-    rows = [bench.prefill_layer_row("2048→2048", 4096, "bf16", 100.0, flops, 100.0),
-            bench.prefill_layer_row("2048→2048", 4096, "quest-w4a4", 50.0, flops, 100.0),
-            bench.prefill_layer_row("2048→2048", 4096, "  quantizer only (W4A4)", 10.0, 0.0, None)]
-    assert rows[1]["speedup"] == 2.0 and rows[1]["met"] is True and rows[2]["speedup"] is None
+    moved = 4096 * 2048 * (2 + 1 + 1 / 8) + 4 * 4096
+    base = (100.0, 80.0)
+    rows = [bench.prefill_layer_row("2048→2048", 4096, "bf16", 100.0, 80.0, flops, base),
+            bench.prefill_layer_row("2048→2048", 4096, "quest-w4a4", 50.0, 60.0, flops, base),
+            bench.prefill_layer_row("2048→2048", 4096, "  quantizer only (W4A4)", 30.0, 10.0, 0.0, None, moved),
+            bench.prefill_layer_row("2048→2048", 4096, "quest-w4a4", 70.0, None, flops, base),
+            dict(shape="2048→2048", tokens=4096, variant="  FP8 GEMM only, torch._scaled_mm", failed="RuntimeError: x")]
+    assert rows[1]["speedup"] == 2.0 and rows[1]["met"] is True
+    assert rows[1]["speedup_graph"] == 80 / 60 and rows[1]["met_graph"] is False
+    assert rows[2]["speedup"] is None and rows[2]["gbs"] == moved / 10.0 / 1e3  # from the graph (device) time
     e2e = [dict(model="quest-w4a4", batch=8, seq=512, ms=10.0, tps=409600.0, speedup=1.5, goal=1.4, met=True)]
     text = "\n".join(bench.prefill_lines(args, rows, e2e))
-    assert "| 2048→2048 | quest-w4a4 | 50.0 | 687 | 2.00× | ≥ 1.6× ✓ |" in text
+    assert "| 2048→2048 | quest-w4a4 | 50.0 | 60.0 | 573 |  |  | 2.00× | 1.33× | ≥ 1.6×: eager ✓, graph ✗ |" in text
+    pct = f"{100 * moved / 10e-6 / bench.hbm_bytes_per_s():.0f}%"
+    assert f"| 2048→2048 |   quantizer only (W4A4) | 30.0 | 10.0 |  | {moved / 1e4:.0f} | {pct} |  |  |  |" in text
+    assert "| 2048→2048 | quest-w4a4 | 70.0 |  | 491 |  |  | 1.43× |  | ≥ 1.6×: eager ✗ |" in text  # no graph
+    assert "| 2048→2048 |   FP8 GEMM only, torch._scaled_mm | failed: RuntimeError: x |" in text
     assert "| quest-w4a4 | 8 | 10.00 | 409600 | 1.50× | ≥ 1.4× ✓ |" in text
     assert {(k, n) for k, n in bench.PREFILL_SHAPES} == {(2048, 2048), (2048, 5632), (5632, 2048)}
     from lowbit.config import ModelConfig

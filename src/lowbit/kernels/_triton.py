@@ -5,8 +5,9 @@ Kernel modules define their ``@triton.jit`` bodies as plain functions (importing
 and call :func:`jit_namespace` on first use. The namespace binds ``triton``/``tl`` to the real modules of the
 mode fixed when Triton was first imported (interpreter or compiler), so the same source serves both.
 
-**Autotuning switch.** The GEMM kernels (scaled_mm, packed_mm, lowbit_gemv) are ``triton.autotune``-d over their
-``GPU_CONFIGS`` on a GPU, keyed by shape: every new shape compiles and benchmarks every config. The environment
+**Autotuning switch.** The GEMM kernels (scaled_mm, packed_mm, lowbit_gemv) and hadamard_quant's forward are
+``triton.autotune``-d over their ``GPU_CONFIGS`` on a GPU, keyed by shape: every new shape benchmarks every config
+(compiling each once per set of compile-time constants). The environment
 variable ``LOWBIT_AUTOTUNE`` (default ``"1"``, read at each launch) set to ``"0"`` launches them with one fixed
 configuration instead, each module's ``DEFAULT_GPU_CONFIG`` (tests: one compile per kernel variant, no
 benchmarking); :func:`launch_config` is the one place that decides.
@@ -21,7 +22,7 @@ import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-#: Environment variable: "0" (or false/no/off) turns the GEMM kernels' autotuner off (module docstring).
+#: Environment variable: "0" (or false/no/off) turns the kernels' autotuner off (module docstring).
 AUTOTUNE_ENV = "LOWBIT_AUTOTUNE"
 
 
@@ -31,7 +32,7 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    """Whether ``LOWBIT_AUTOTUNE`` (default "1") lets the GEMM kernels autotune on a GPU; read at every launch."""
+    """Whether ``LOWBIT_AUTOTUNE`` (default "1") lets the kernels autotune on a GPU; read at every launch."""
     return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 

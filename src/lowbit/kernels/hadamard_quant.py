@@ -34,27 +34,67 @@ Hᵀ = H). :func:`hadamard_quantize_ref` *is* that spec: it calls :func:`lowbit.
   j // 8, i.e. ``keep[j] = (mask[j // 8] >> (j % 8)) & 1``. K must be a multiple of the Hadamard block
   (ValueError otherwise: unlike ``fake_quantize`` the block is never shrunk).
 
-**The Triton kernels** (one program = BLOCK_M rows, whole K; the backward splits K over programs too):
+**The Triton kernels.** Forward: a program quantizes BLOCK_M rows × a share of their Hadamard blocks; the
+K_SPLIT programs of a row tile (adjacent in the grid, so they run together) split the row's blocks between them.
 
-* Forward, two sweeps over a row tile: (1) Σx² of the *un-rotated* row — H is orthonormal, so it equals Σr²
-  (Parseval) up to float32 rounding, and costs no matmul; (2) per 128-block: load, rotate in registers, scale,
-  round, clamp, trust mask, store codes + packed mask. The second sweep re-reads the tile the first one just
-  pulled through L2 (BLOCK_M·K·2 bytes per program), so DRAM should see x about once (benchmarks/
-  bench_kernels.py measures it). σ differs from the reference's by float32 rounding (~1e-7 relative): a code
-  can differ only where r/Δ sits that close to a rounding tie (tested: < 1e-4 of codes, by one step, at ties).
+* Sweep 1, Σx² of the *un-rotated* row — H is orthonormal, so it equals Σr² (Parseval) up to float32 rounding,
+  and costs no matmul — over the whole row in every program of the tile, in one fixed order: column j of a
+  256-wide window accumulates j, j + 256, … in turn, then a pairwise tree adds the window. The order depends on
+  no launch parameter, so all programs of a tile, every configuration the autotuner may pick and the
+  interpreter compute the same σ and scales bit for bit. The rotation is the same chain of k16 MMAs in every
+  configuration too, so the codes and masks do not depend on the autotuner's pick either — checked on the GPU
+  for every config; whether Hopper's warpgroup MMA (the 64-row tiles) rounds its fp32 sums exactly as mma.sync
+  does is measured there rather than promised. Loads are marked evict_last: sweep 2 wants them again.
+* Sweep 2, per Hadamard block of the program's share: load (cp.async, pipelined over ``num_stages``), rotate on
+  tensor cores, divide by Δ, round, clamp, trust mask, store FP8/int8/float codes and the packed mask. The
+  re-read of x comes from L2 while the rows in flight fit there; K_SPLIT > 1 keeps that footprint small at
+  large K (each SM holds fewer whole rows at a time), at the price of re-reading the row from L2 once per
+  program for σ.
+* σ differs from the reference's by float32 rounding (~1e-7 relative): a code can differ from the reference
+  only where r/Δ sits that close to a rounding tie (tested: < 1e-4 of codes, by one step, at ties).
 * The rotation is a tensor-core matmul x_blk @ S with S the ±1 Sylvester matrix (built in registers from
   parity(i & j), no load) and the 1/√b applied after in float32. ±1 is exact in bf16, and so is x once split:
   bf16 input is one bf16 MMA; fp32 input is split exactly into three bf16 parts (hi + lo + lo2, 8 significant
   bits each = fp32's 24), fp16 into two — three (two) bf16 MMAs with fp32 accumulation give the rotation to
-  float32 accuracy without TF32's 10-bit mantissa. Division and square root use IEEE ``div_rn``/``sqrt_rn``,
-  rounding is round-half-even, FMA contraction is off: every elementwise step is the reference's float32 op.
+  float32 accuracy without TF32's 10-bit mantissa. BLOCK_M = 64 runs it on Hopper's warpgroup MMA.
+* Every elementwise step is the reference's float32 operation, rounded the same way: ``sqrt_rn``/``div_rn`` per
+  row (σ, Δ, and RN(1/Δ)), round-half-even, no FMA contraction (``enable_fp_fusion=False``). The per-element
+  r/Δ is computed as q = RN(r·y), e = r − Δ·q (exact, one FMA), RN(q + e·y) with y = RN(1/Δ): by Markstein's
+  theorem (P. Markstein, IBM J. Res. Dev. 34(1), 1990; J.-M. Muller et al., Handbook of Floating-Point
+  Arithmetic, §4.7) that is the IEEE quotient RN(r/Δ) whenever nothing underflows — three FMAs where
+  ``div_rn`` costs a subroutine call, a range check and a convergence barrier per element (tested in exact
+  emulation and on the GPU against torch's division). Here 2⁻²⁰ < Δ < 2⁶⁷ (Δ ≥ eps·α/top with QuEST's eps =
+  1e-5; a finite Σx² bounds σ by 2⁶⁴), so nothing underflows unless |r/Δ| < 2⁻⁷⁰ — and such a quotient rounds
+  like 0 in y = r/Δ + o, leaving the code the reference's; Δ = +inf (Σx² overflowed) gives q = 0 = r/inf. FP8
+  codes: the hardware conversion (``cvt.rn.satfinite.e4m3x2``, sm_89+; integer ops on the bits before), exact
+  for the grid values.
 * Backward (programs over BLOCK_M rows × up to 8 blocks of K): unpack the mask bits, g ⊙ M, the same
   bf16-split MMA, 1/√b, store in the gradient's dtype (rounded once, as the reference rounds its float32 result).
-* Under ``TRITON_INTERPRET=1`` (CPU tests) Triton 3.6 computes bf16 MMAs wrongly and truncates float32 → bf16,
-  so there the split parts are multiplied in float32 (``input_precision="ieee"``: exact products, same
-  algorithm), bf16 outputs are rounded to nearest even on the bits first, and rounding uses the 1.5·2²³ trick
-  instead of libdevice's ``rint``. FP8 codes are e4m3 bit patterns computed with integer ops (exact for the
-  grids above) in both modes.
+* Under ``TRITON_INTERPRET=1`` (CPU tests) Triton 3.6 computes bf16 MMAs wrongly, truncates float32 → bf16 and
+  rounds ``tl.fma`` twice, so there the split parts are multiplied in float32 (``input_precision="ieee"``: exact
+  products, same algorithm), bf16 outputs are rounded to nearest even on the bits first, rounding uses the
+  1.5·2²³ trick instead of libdevice's ``rint``, r/Δ is ``div_rn``, and FP8 codes are e4m3 bit patterns built
+  with integer ops (numpy has no float8): the same values by other means (the kernel's ``COMPILED`` flag).
+
+**Launch** (forward). On a GPU the kernel is autotuned (Triton's autotuner: every new key compiles and times
+every config once) over :data:`GPU_CONFIGS` — BLOCK_M ∈ {16, 32, 64}, K_SPLIT ∈ {1, 2, 4, 8}, 4 or 8 warps, 2–3
+stages — keyed by the rows rounded up to a power of two, K, the block, the input dtype and the output format;
+``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs :data:`DEFAULT_GPU_CONFIG`, the interpreter
+:data:`INTERPRET_CONFIG`, and ``hadamard_quantize_triton(config=…)`` one given configuration. K, the block and
+the spec's numbers are compile-time constants (a model has a handful of them): a launch passes 9 runtime
+arguments, and the argument checks and constants are cached per (dtype, K, spec), so the host time of a call is
+the allocations and the launch — it counts in an eager prefill, where a 4096-token layer is ~50–130 µs of GPU.
+
+Why the first kernel (16-row programs over the whole K, 4 warps, one fixed launch) was slow: a 4096-row prefill is
+only 256 programs for 132 SMs — two programs, 8 warps, per SM, 2 per scheduler — so the latencies of its long
+dependent chains (MUFU, shared-memory loads of S, the MMA, stores) stood exposed; and each element cost ~52
+instructions in its sm_90a SASS — ``div_rn``'s per-element subroutine and convergence barrier (~10), the integer
+FP8 encoding (~8), a clamp that ``rint`` makes redundant — ~15 µs of issue for 4096 × 2048 even at full
+occupancy. Now 22–30 instructions per element (by tile; sweep 1 adds ~5), and K_SPLIT and the row tiles give the
+autotuner 64–2048 programs to choose from at M = 4096. Its eager times barely depended on K (101–129 µs for
+4096 × 2048 and 4096 × 5632 on an H200), so host time — two argument checks, 22 runtime arguments, reshapes —
+was a large part of what was measured; benchmarks/bench_decode.py now reports the CUDA-graph (device) time
+beside the eager one.
 
 Dispatch (``backend=``): ``"triton"`` (the kernel: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
 ``"ref"`` (pure torch), ``"auto"`` (triton for CUDA tensors when Triton is installed; on CPU only when
@@ -73,7 +113,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels._triton import custom_op, direct_call, jit_namespace, on_device
+from lowbit.kernels._triton import custom_op, direct_call, jit_namespace, launch_config, on_device
 from lowbit.kernels._triton import has_triton as _triton_available
 from lowbit.kernels._triton import interpreting as _interpreting
 from lowbit.quant.core import quantize
@@ -140,11 +180,18 @@ def _spec(bits: float, block: int, trust: float | None, alpha: float | None) -> 
 def _check(x: torch.Tensor, bits: float, block: int, out: str, trust: float | None) -> None:
     if x.dim() < 1:
         raise ValueError("hadamard_quantize: x needs a last dimension K")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"hadamard_quantize: x must be one of {DTYPES}, got {x.dtype}")
+    k = x.shape[-1]
+    # a model checks a handful of (dtype, K, spec) combinations: in eager mode, after the first, a lookup (traced,
+    # K may be symbolic, which is not hashable, and dynamo would trace through the cache anyway: checked in full)
+    cached = type(k) is int and not torch.compiler.is_compiling()
+    (_check_args_cached if cached else _check_args)(x.dtype, k, bits, block, out, trust)
+
+
+def _check_args(dtype: torch.dtype, k: int, bits: float, block: int, out: str, trust: float | None) -> None:
+    if dtype not in DTYPES:
+        raise TypeError(f"hadamard_quantize: x must be one of {DTYPES}, got {dtype}")
     if block < 8 or block & (block - 1):
         raise ValueError(f"hadamard_quantize: block must be a power of two ≥ 8, got {block}")
-    k = x.shape[-1]
     if k % block:
         raise ValueError(
             f"hadamard_quantize: K = {k} (last dim) must be a multiple of the Hadamard block {block}; "
@@ -165,6 +212,9 @@ def _check(x: torch.Tensor, bits: float, block: int, out: str, trust: float | No
             f"hadamard_quantize: the {bits}-bit centered grid needs ±{levels - 1} in int8 units of "
             "Δ/2; use out='float' (or lowbit.quant.quantize for offset codes)"
         )
+
+
+_check_args_cached = functools.cache(_check_args)
 
 
 def _code_dtype(out: str, x_dtype: torch.dtype) -> torch.dtype:
@@ -283,6 +333,11 @@ def masked_inverse_hadamard_ref(grad: torch.Tensor, mask_bits: torch.Tensor, blo
 # resolves names through a kernel's globals) finds them.
 triton = tl = libdevice = None  # placeholders: the real modules live in the per-mode namespaces
 
+#: Columns of x per step of the forward's sweep 1 (Σx²), the same in every launch configuration: it fixes the
+#: order of the sum (the kernel's comment). The kernels see it, and its log2, as constexprs (_kernels).
+SWEEP1_W = 256
+SWEEP1_LEVELS = SWEEP1_W.bit_length() - 1
+
 
 def _sylvester(HB: tl.constexpr, DOT_BF16: tl.constexpr):
     # S[i, j] = (−1)^popcount(i & j): the unnormalised Sylvester–Hadamard matrix (lowbit.quant.hadamard)
@@ -348,77 +403,136 @@ def _round_half_even(y, USE_RINT: tl.constexpr):
     return r
 
 
-def _fp8_bits(g):
-    # e4m3fn bit pattern of g, exact when g has ≤ 4 significant bits and 2^−6 ≤ |g| < 16, or g = 0
-    b = g.to(tl.int32, bitcast=True)
-    sign = (b >> 24) & 0x80
-    exp = ((b >> 23) & 0xFF) - 120  # float32 bias 127 → e4m3 bias 7
-    man = (b >> 20) & 0x7
-    bits = tl.where(g == 0.0, 0, sign | (exp << 3) | man)
-    return bits.to(tl.uint8)
+def _fp8_bits(g, FP8_CVT: tl.constexpr):
+    # e4m3fn bit pattern of g, exact when g has ≤ 4 significant bits and 2^−6 ≤ |g| < 16, or g = +0 (the kernel's
+    # grid values always are: any correct conversion gives these bits). FP8_CVT (compiled for sm_89+): the hardware
+    # conversion, one cvt per two values; else (the interpreter — numpy has no float8 — and older GPUs, where
+    # Triton has no e4m3 type): integer ops on the float32 bits.
+    if FP8_CVT:
+        bits = g.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        b = g.to(tl.int32, bitcast=True)
+        sign = (b >> 24) & 0x80
+        exp = ((b >> 23) & 0xFF) - 120  # float32 bias 127 → e4m3 bias 7
+        man = (b >> 20) & 0x7
+        bits = tl.where(g == 0.0, 0, sign | (exp << 3) | man).to(tl.uint8)
+    return bits
+
+
+def _pairwise_sum(acc, ROWS: tl.constexpr, LEVELS: tl.constexpr):
+    # Σ over the columns of acc (ROWS, 2^LEVELS) as a balanced binary tree: each level adds neighbouring pairs, and
+    # a sum of two numbers does not depend on how the compiler lays out or orders the reduction
+    for _ in tl.static_range(LEVELS):
+        acc = tl.sum(tl.reshape(acc, [ROWS, acc.shape[1] // 2, 2]), axis=2)
+    return tl.reshape(acc, [ROWS])
+
+
+def _quotient(r, d, inv, COMPILED: tl.constexpr):
+    # r / d rounded to nearest even, for d > 0 (finite or +inf) with inv = RN(1/d). Compiled: q = RN(r·inv), the
+    # remainder r − d·q (exact in one FMA), q + remainder·inv rounded once — Markstein's theorem: with a correctly
+    # rounded reciprocal this is the IEEE quotient unless the remainder underflows (module docstring) — three FMAs
+    # instead of div.rn's subroutine per element. d = +inf: the remainder uses FLT_MAX, so q = 0 = r/inf exactly.
+    # The interpreter rounds tl.fma twice (numpy), so there: div_rn.
+    if COMPILED:
+        q = tl.fma(r, inv, 0.0)
+        e = tl.fma(-tl.minimum(d, 3.4028234663852886e38), q, r)
+        q = tl.fma(e, inv, q)
+    else:
+        q = tl.math.div_rn(r, d)
+    return q
 
 
 def _hq_fwd_kernel(
     x_ptr, codes_ptr, scale_ptr, mask_ptr,
     M, stride_x, stride_c, stride_m,
-    k_float, inv_sqrt_b, alpha, top, eps, trust, offset, qmin, qmax, code_mul,
-    K: tl.constexpr, HB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K1: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_BF16: tl.constexpr, USE_RINT: tl.constexpr, RNE_BF16: tl.constexpr, OUT: tl.constexpr,
-    TRUST_SIGMA: tl.constexpr,
+    M_BUCKET,  # unused in the body: keys the autotuner (rows rounded up to a power of two)
+    K: tl.constexpr, HB: tl.constexpr, SPLIT: tl.constexpr, OUT: tl.constexpr, TRUST_SIGMA: tl.constexpr,
+    INV_SQRT_B: tl.constexpr, ALPHA: tl.constexpr, TOP: tl.constexpr, EPS: tl.constexpr, TRUST: tl.constexpr,
+    OFFSET: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, CODE_MUL: tl.constexpr, COMPILED: tl.constexpr,
+    FP8_CVT: tl.constexpr, BLOCK_M: tl.constexpr, K_SPLIT: tl.constexpr,
 ):  # fmt: skip
-    # K is a compile-time constant: a model has a few distinct K, the loops get static trip counts, and Triton
-    # 3.6's interpreter cannot loop to a runtime bound under numpy 2.4 (int() of a 1-element array is an error)
+    # K and the spec's numbers are compile-time constants: a model has a few distinct (K, spec), the loops get
+    # static trip counts, a launch passes 9 runtime arguments, and Triton 3.6's interpreter cannot loop to a
+    # runtime bound under numpy 2.4 (int() of a 1-element array is an error). A float constant is rounded to
+    # float32 where it meets a float32 tensor, exactly as a float32 argument would be.
+    NB: tl.constexpr = K // HB  # Hadamard blocks per row
+    PER: tl.constexpr = (NB + K_SPLIT - 1) // K_SPLIT  # blocks quantized per program
+    PARTS: tl.constexpr = (NB + PER - 1) // PER  # programs per row tile: K_SPLIT, less any that would idle
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile = pid // PARTS  # the PARTS programs of a row tile are adjacent: they run together and share x in L2
+    part = pid % PARTS
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
     x_rows = x_ptr + rows64[:, None] * stride_x
 
-    # sweep 1: σ² = mean of the squares of the row (un-rotated: H is orthonormal)
-    ck = tl.arange(0, BLOCK_K1)
-    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K1):
-        cols = k0 + ck
-        v = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    # sweep 1: σ² = mean of the squares of the row, un-rotated (H is orthonormal), summed in one fixed order
+    # whatever the launch configuration (and in the interpreter too): column j of a SWEEP1_W-wide window
+    # accumulates the squares at j, j + SWEEP1_W, … in turn, then the window is added up as a pairwise tree
+    # (_pairwise_sum). Every program of a row tile computes the same σ bit for bit, and so does every autotuned
+    # configuration: the codes do not depend on which one the autotuner picked.
+    cw = tl.arange(0, SWEEP1_W)
+    acc = tl.zeros([BLOCK_M, SWEEP1_W], dtype=tl.float32)
+    for k0 in tl.range(0, K, SWEEP1_W):
+        cols = k0 + cw
+        # evict_last: sweep 2 (this program's and its siblings') reads x again, from L2 if it is still there
+        v = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0,
+                    eviction_policy="evict_last")
         v = v.to(tl.float32)
-        ss += tl.sum(v * v, axis=1)
-    sigma = tl.sqrt_rn(tl.math.div_rn(ss, k_float))
-    step = tl.math.div_rn(tl.maximum(sigma, eps) * alpha, top)  # clip_range / top, as lowbit.quant.core
+        acc += v * v
+    ss = _pairwise_sum(acc, BLOCK_M, SWEEP1_LEVELS)
+    sigma = tl.sqrt_rn(tl.math.div_rn(ss, K * 1.0))
+    step = tl.math.div_rn(tl.maximum(sigma, EPS) * ALPHA, TOP)  # clip_range / top, as lowbit.quant.core
+    inv = tl.math.div_rn(1.0, step)  # RN(1/Δ), once per row: the divisions below are FMAs (_quotient)
     if TRUST_SIGMA:
-        thr = trust * sigma
+        thr = TRUST * sigma
     else:
         thr = step * 0.5
-    tl.store(scale_ptr + rows64, tl.math.div_rn(step, code_mul), mask=row_ok)
+    # the stored scale: Δ, or Δ/2 for odd int8 codes (CODE_MUL is 1 or 2: the product is exact)
+    tl.store(scale_ptr + rows64, step * (1.0 / CODE_MUL), mask=row_ok & (part == 0))
 
-    # sweep 2: rotate, quantize, mask, per Hadamard block
-    s = _sylvester(HB, DOT_BF16)
+    # sweep 2 (this program's PER blocks): rotate, quantize, mask, per Hadamard block
+    s = _sylvester(HB, COMPILED)
     cb = tl.arange(0, HB)
     cm = tl.arange(0, HB // 8)
-    lim = qmax - qmin + 4.0  # |y| beyond the grid by more than a step: clamps the same way, rounds safely
-    for k0 in range(0, K, HB):
-        v = tl.load(x_rows + (k0 + cb)[None, :], mask=row_ok[:, None], other=0.0)
-        r = _rotate(v, s, inv_sqrt_b, SPLIT, DOT_BF16)
-        y = tl.math.div_rn(r, step[:, None]) + offset
-        y = tl.minimum(tl.maximum(y, -lim), lim)
-        c = _round_half_even(y, USE_RINT) - 2.0 * offset
-        c = tl.minimum(tl.maximum(c, qmin), qmax)
-        g = c + offset  # grid value in units of Δ
+    lim = QMAX - QMIN + 4.0  # |y| beyond the grid by more than a step: clamps the same way, rounds safely
+    for i in tl.range(0, PER):
+        blk = part * PER + i
+        k0 = blk * HB
+        if PER * PARTS == NB:
+            ok = row_ok[:, None]
+        else:
+            ok = row_ok[:, None] & (blk < NB)  # the last part holds fewer blocks
+        v = tl.load(x_rows + (k0 + cb)[None, :], mask=ok, other=0.0)  # cp.async-pipelined (num_stages)
+        r = _rotate(v, s, INV_SQRT_B, SPLIT, COMPILED)
+        y = _quotient(r, step[:, None], inv[:, None], COMPILED)
+        if OFFSET != 0.0:
+            y = y + OFFSET
+        if not COMPILED:  # the 1.5·2²³ rounding needs |y| < 2²²; rint rounds any y, and the clamp below decides
+            y = tl.minimum(tl.maximum(y, -lim), lim)
+        # g = clamp(round(y) − 2o, qmin, qmax) + o, the grid value in units of Δ, computed as one subtraction and
+        # a clamp to the shifted bounds (exact: small integers and half-integers); o = 0 adds +0.0 instead, so that
+        # a zero code is +0.0 as in the reference (rint gives −0.0 for small negative y)
+        if OFFSET != 0.0:
+            g = tl.minimum(tl.maximum(_round_half_even(y, COMPILED) - OFFSET, QMIN + OFFSET), QMAX + OFFSET)
+        else:
+            g = tl.minimum(tl.maximum(_round_half_even(y, COMPILED), QMIN), QMAX) + 0.0
         q = g * step[:, None]
         keep = (tl.abs(q - r) <= thr[:, None]).to(tl.int32)
 
         c_ptrs = codes_ptr + rows64[:, None] * stride_c + (k0 + cb)[None, :]
         if OUT == 0:  # fp8 e4m3 bit patterns into a uint8 view
-            tl.store(c_ptrs, _fp8_bits(g), mask=row_ok[:, None])
+            tl.store(c_ptrs, _fp8_bits(g, FP8_CVT), mask=ok)
         elif OUT == 1:
-            tl.store(c_ptrs, (g * code_mul).to(tl.int8), mask=row_ok[:, None])
+            tl.store(c_ptrs, (g * CODE_MUL).to(tl.int8), mask=ok)
         else:
-            tl.store(c_ptrs, _cast(q, codes_ptr.dtype.element_ty, RNE_BF16), mask=row_ok[:, None])
+            tl.store(c_ptrs, _cast(q, codes_ptr.dtype.element_ty, not COMPILED), mask=ok)
 
         # pack: byte j of the block = Σ_i keep[8j + i]·2^i (little-endian within the byte)
         k3 = tl.reshape(keep, [BLOCK_M, HB // 8, 8])
         packed = tl.sum(k3 << tl.arange(0, 8)[None, None, :], axis=2)
-        m_ptrs = mask_ptr + rows64[:, None] * stride_m + (k0 // 8 + cm)[None, :]
-        tl.store(m_ptrs, packed.to(tl.uint8), mask=row_ok[:, None])
+        m_ptrs = mask_ptr + rows64[:, None] * stride_m + (blk * (HB // 8) + cm)[None, :]
+        tl.store(m_ptrs, packed.to(tl.uint8), mask=ok)
 
 
 def _mih_bwd_kernel(
@@ -456,6 +570,8 @@ _JIT_FUNCTIONS = (
     "_cast",
     "_round_half_even",
     "_fp8_bits",
+    "_pairwise_sum",
+    "_quotient",
     "_hq_fwd_kernel",
     "_mih_bwd_kernel",
 )
@@ -463,9 +579,74 @@ _JIT_FUNCTIONS = (
 
 
 
+# ----------------------------------------------------------------------------------------------------------
+# launch configurations of the forward kernel (module docstring, "Launch")
+# ----------------------------------------------------------------------------------------------------------
+
+#: Forward launch configurations autotuned on a GPU: (BLOCK_M rows per program, K_SPLIT programs per row tile,
+#: num_warps, num_stages). In the sm_90a compile (bf16 → FP8, K = 2048) they take 59–128 registers and 38–72 KiB of
+#: shared memory (S alone is 32 KiB), so 2–5 programs share an SM, and none spills for bf16 or fp16 input (fp32
+#: input: the 32-row ones spill, _prune drops them). K_SPLIT multiplies the programs of an M = 4096 prefill (256 row
+#: tiles of 16 for 132 SMs) and shrinks the rows an SM holds in flight, so that sweep 2's re-read of x stays in L2
+#: at large K; BLOCK_M = 64 runs the rotation on Hopper's warpgroup MMA, which reads S from shared memory itself
+#: (smaller tiles use mma.sync and reload S into registers every block). num_stages pipelines sweep 2's loads.
+GPU_CONFIGS = (
+    (16, 1, 8, 3),
+    (16, 2, 8, 3),
+    (16, 4, 8, 3),
+    (16, 8, 8, 2),
+    (16, 1, 4, 2),
+    (16, 2, 4, 2),
+    (32, 1, 8, 2),
+    (32, 2, 8, 2),
+    (32, 4, 8, 2),
+    (64, 1, 8, 2),
+    (64, 2, 8, 2),
+    (64, 4, 8, 2),
+)
+#: The one GPU configuration with LOWBIT_AUTOTUNE=0 (the kernel tests): 16-row tiles, two programs per tile, 8 warps.
+DEFAULT_GPU_CONFIG = {"BLOCK_M": 16, "K_SPLIT": 2, "num_warps": 8, "num_stages": 3}
+#: Under TRITON_INTERPRET=1: 16-row tiles, and K split in two so that the tests exercise the split.
+INTERPRET_CONFIG = {"BLOCK_M": 16, "K_SPLIT": 2, "num_warps": 4, "num_stages": 1}
+
+
+def _parts(blocks: int, k_split: int) -> int:
+    """Programs per row tile: ``k_split`` at most, each with ⌈blocks / k_split⌉ Hadamard blocks, none idle (the
+    kernel's PARTS)."""
+    per = -(-blocks // k_split)
+    return -(-blocks // per)
+
+
+def _m_bucket(m: int) -> int:
+    """The autotuner's row key: M rounded up to a power of two, at least 256."""
+    return max(256, 1 << (m - 1).bit_length())
+
+
+def _gpu_config(bm: int, ks: int, warps: int, stages: int) -> dict:
+    return {"BLOCK_M": bm, "K_SPLIT": ks, "num_warps": warps, "num_stages": stages}
+
+
+def _prune(configs: list, nargs: dict, **meta) -> list:
+    """Autotune pre-pruning: configs that launch the same programs as an earlier one (K_SPLIT beyond the blocks of
+    a row), row tiles far taller than M, and for float32 input (three MMAs per block) row tiles above 16 (the
+    32-row ones spill registers in the sm_90a compile) are dropped."""
+    blocks = meta["K"] // meta["HB"]
+    kept, seen = [], set()
+    for c in configs:
+        kw = c.kwargs
+        bm = kw["BLOCK_M"]
+        key = (bm, _parts(blocks, kw["K_SPLIT"]), c.num_warps, c.num_stages)
+        if key in seen or (bm > 16 and (bm > 2 * nargs["M"] or meta["SPLIT"] == 3)):
+            continue
+        seen.add(key)
+        kept.append(c)
+    return kept or configs[:1]
+
+
 @dataclass(frozen=True)
 class _Kernels:
-    fwd: object
+    fwd: object  # the jitted forward kernel (one explicit configuration)
+    fwd_tuned: object  # the same, autotuned over GPU_CONFIGS (compiled mode only)
     bwd: object
     interpret: bool
 
@@ -485,8 +666,17 @@ def _kernels() -> _Kernels:
     interpret = _interpreting()
     if _imported_interpreted(tl) != interpret:
         raise RuntimeError(_MODE_ERROR)
-    ns = jit_namespace(globals(), _JIT_FUNCTIONS, dict(triton=triton, tl=tl, libdevice=libdevice))
-    return _Kernels(ns["_hq_fwd_kernel"], ns["_mih_bwd_kernel"], interpret)
+    extra = dict(triton=triton, tl=tl, libdevice=libdevice, SWEEP1_W=tl.constexpr(SWEEP1_W),
+                 SWEEP1_LEVELS=tl.constexpr(SWEEP1_LEVELS))
+    ns = jit_namespace(globals(), _JIT_FUNCTIONS, extra)
+    fwd = ns["_hq_fwd_kernel"]
+    tuned = None
+    if not interpret:
+        configs = [triton.Config({"BLOCK_M": bm, "K_SPLIT": ks}, num_warps=w, num_stages=st)
+                   for bm, ks, w, st in GPU_CONFIGS]
+        key = ["M_BUCKET", "K", "HB", "SPLIT", "OUT", "TRUST_SIGMA"]  # + the pointers' dtypes (Triton adds them)
+        tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})(fwd)
+    return _Kernels(fwd, tuned, ns["_mih_bwd_kernel"], interpret)
 
 
 _MODE_ERROR = (
@@ -518,6 +708,26 @@ def _launch_kernels(t: torch.Tensor, block: int) -> _Kernels:
     return kern
 
 
+@functools.cache
+def _fp8_cvt(index: int) -> bool:
+    """Whether CUDA device ``index`` converts to e4m3 in hardware (sm_89+; Triton has no e4m3 type below)."""
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+@functools.cache
+def _fwd_constants(bits: float, block: int, trust: float | None, alpha: float | None, out: str,
+                   dtype: torch.dtype, compiled: bool, fp8_cvt: bool) -> dict:
+    """The forward kernel's compile-time constants for one (spec, format, dtype) — built once, then a dict lookup
+    per call (the launch's host time is part of every eager prefill)."""
+    spec = _spec(bits, block, trust, alpha)
+    info = spec.info
+    return dict(
+        HB=block, SPLIT=_SPLIT[dtype], OUT=OUTS.index(out), TRUST_SIGMA=trust is not None,
+        INV_SQRT_B=1.0 / math.sqrt(block), ALPHA=float(spec.alpha_value), TOP=float(info.top), EPS=float(spec.eps),
+        TRUST=float(trust or 0.0), OFFSET=float(info.offset), QMIN=float(info.qmin), QMAX=float(info.qmax),
+        CODE_MUL=2.0 if (out == "int8" and info.offset) else 1.0, COMPILED=compiled, FP8_CVT=fp8_cvt,
+    )  # fmt: skip
+
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1])
@@ -532,38 +742,48 @@ def hadamard_quantize_triton(
     trust: float | None = None,
     out: str = "fp8",
     alpha: str | float = "optimal",
-    block_m: int = 16,
-    num_warps: int = 4,
-    block_k1: int = 512,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused kernel: same signature and outputs as :func:`hadamard_quantize_ref` (plus launch knobs:
-    ``block_m`` rows per program (≥ 16, a power of two), ``num_warps``, ``block_k1`` columns per step of the
-    Σx² sweep)."""
+    """The fused kernel: same signature and outputs as :func:`hadamard_quantize_ref`, plus ``config``: one launch
+    configuration (``BLOCK_M`` ≥ 16 a power of two, ``K_SPLIT`` ≥ 1, optional ``num_warps``, ``num_stages``)
+    instead of the autotuner (module docstring, "Launch")."""
     _check(x, bits, block, out, trust)
+    return _hadamard_quantize_triton(x, float(bits), block, trust, out, _alpha_option(bits, alpha), config)
+
+
+def _hadamard_quantize_triton(x, bits, block, trust, out, alpha, config=None):
     kern = _launch_kernels(x, block)
-    spec = _spec(bits, block, trust, _alpha_option(bits, alpha))
-    info = spec.info
+    compiled = not kern.interpret
+    dev = x.device
+    fp8_cvt = compiled and out == "fp8" and _fp8_cvt(torch.cuda.current_device() if dev.index is None else dev.index)
+    const = _fwd_constants(bits, block, trust, alpha, out, x.dtype, compiled, fp8_cvt)
     k = x.shape[-1]
-    lead = x.shape[:-1]
-    x2 = _rows(x.detach())
+    flat = x.dim() == 2 and x.stride(1) == 1  # the GEMM callers' case: no reshapes (host time, see "Launch")
+    x2 = x if flat else _rows(x)
     m = x2.shape[0]
     codes = torch.empty((m, k), dtype=_code_dtype(out, x.dtype), device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     mask = torch.empty((m, k // 8), dtype=torch.uint8, device=x.device)
     if m:
-        code_mul = 2.0 if (out == "int8" and info.offset) else 1.0
-        # K is a constexpr: one compilation per (K, dtype, format, …), a handful per model
-        bk1 = max(block, min(block_k1, 1 << (k - 1).bit_length()))
+        args = (x2, codes.view(torch.uint8) if out == "fp8" else codes, scale, mask, m, x2.stride(0),
+                codes.stride(0), mask.stride(0), _m_bucket(m))  # fmt: skip
+        blocks = k // block
+        cfg = launch_config(config, kern.interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
         with on_device(x.device):
-            kern.fwd[(-(-m // block_m),)](
-                x2, codes.view(torch.uint8) if out == "fp8" else codes, scale, mask,
-                m, x2.stride(0), codes.stride(0), mask.stride(0),
-                float(k), 1.0 / math.sqrt(block), spec.alpha_value, float(info.top), float(spec.eps),
-                float(trust or 0.0), float(info.offset), float(info.qmin), float(info.qmax), code_mul,
-                K=k, HB=block, BLOCK_M=block_m, BLOCK_K1=bk1, SPLIT=_SPLIT[x.dtype], DOT_BF16=not kern.interpret,
-                USE_RINT=not kern.interpret, RNE_BF16=kern.interpret, OUT=OUTS.index(out),
-                TRUST_SIGMA=trust is not None, num_warps=num_warps, enable_fp_fusion=False,
-            )  # fmt: skip
+            if cfg is None:  # autotuned (K is a constexpr: one compilation per K, dtype, format, spec)
+
+                def grid(meta: dict) -> tuple[int]:
+                    return (-(-m // meta["BLOCK_M"]) * _parts(blocks, meta["K_SPLIT"]),)
+
+                kern.fwd_tuned[grid](*args, K=k, **const, enable_fp_fusion=False)
+            else:
+                warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 1)
+                grid = (-(-m // cfg["BLOCK_M"]) * _parts(blocks, cfg["K_SPLIT"]),)
+                kern.fwd[grid](*args, K=k, **const, **cfg, num_warps=warps, num_stages=stages,
+                               enable_fp_fusion=False)  # fmt: skip
+    if flat:
+        return codes, scale, mask
+    lead = x.shape[:-1]
     return codes.reshape(x.shape), scale.reshape(lead), mask.reshape(*lead, k // 8)
 
 
@@ -618,9 +838,9 @@ def _use_triton(t: torch.Tensor, backend: str) -> bool:
 
 
 def _hadamard_quantize_impl(x, bits, block, trust, out, alpha, backend):
-    alpha = "optimal" if alpha is None else alpha
-    fn = hadamard_quantize_triton if _use_triton(x, backend) else hadamard_quantize_ref
-    return fn(x, bits, block, trust=trust, out=out, alpha=alpha)
+    if _use_triton(x, backend):  # (the public entry point has checked the arguments)
+        return _hadamard_quantize_triton(x, bits, block, trust, out, alpha)
+    return hadamard_quantize_ref(x, bits, block, trust=trust, out=out, alpha="optimal" if alpha is None else alpha)
 
 
 _hadamard_quantize_op = custom_op(

@@ -41,11 +41,32 @@ Without promotion all configs compile spill-free; the SASS shows QGMMA (FP8) / I
 loads/stores (UTMALDG/UTMASTG).
 
 Backends (``backend=``): ``"triton"`` (the persistent TMA kernel below), ``"torch"`` (``torch._scaled_mm``
-with row-wise scales for FP8, ``torch._int_mm`` + a torch epilogue for INT8), ``"ref"``; ``"auto"`` picks
-triton on a CUDA device of compute capability ≥ 9.0 with Triton installed, torch on other CUDA devices, and
-the reference on CPU. Under ``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (tests). On a
-GPU the kernel is autotuned over :data:`GPU_CONFIGS`; ``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs
-:data:`DEFAULT_GPU_CONFIG` instead.
+with row-wise scales for FP8, ``torch._int_mm`` + a torch epilogue for INT8), ``"ref"``. ``"auto"``: the
+reference on CPU; on CUDA, FP8 goes to torch's row-wise ``torch._scaled_mm`` wherever it computes the whole op in
+one kernel — a device of :data:`TORCH_ROWWISE_FP8` (Ada, Hopper, B200), bf16 output, no bias or a bf16 one, N a
+multiple of 16, ``promote`` 128 or 0 — and everything else (INT8, float32/fp16 outputs, float32 biases, odd N,
+``promote`` 32/64) to the Triton kernel on compute capability ≥ 9.0 with Triton installed, to torch's ops on
+other GPUs. Why torch first: at both training shapes measured on an H100 ``torch._scaled_mm`` was the faster
+(430m up 1.56× bf16 against this kernel's 1.15×, 130m up 0.59× against 0.49×: benchmarks/results/
+h100-2026-11-23/bench_kernels.md), and its host time is one ATen call against a Python launch with three TMA
+descriptors — a one-layer prefill GEMM is short enough for that to show. Under ``TRITON_INTERPRET=1`` the
+triton backend also runs on CPU tensors (tests). On a GPU the kernel is autotuned over :data:`GPU_CONFIGS`;
+``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs :data:`DEFAULT_GPU_CONFIG` instead.
+
+**The torch backend, and what is exact there.** FP8 with a bf16 output: ``torch._scaled_mm(a, b.t(),
+scale_a=a_scale[:, None], scale_b=b_scale[None, :], out_dtype=bf16, use_fast_accum=(promote == 0))`` — ``b``
+must be column-major, hence ``b.t()`` of the row-major (N, K) codes; scales float32 (M, 1) and (1, N); K and N
+multiples of 16 (torch's check). torch 2.11 runs it as cuBLASLt's outer-vector-scaled FP8 GEMM on Hopper with
+CUDA ≥ 12.9 (float32 outputs allowed there) and as its CUTLASS ``f8f8bf16_rowwise`` kernel on Ada, on Hopper with
+an older cuBLAS, and on B200 (bf16 outputs only). ``use_fast_accum=False`` keeps the promotion to a float32
+accumulator: CUTLASS every 4 WGMMAs (= 128 of K, as ``promote=128`` here); cuBLASLt at an interval it does not
+document. The sum is then exact for the quantizer's codes exactly as in the Triton kernel with ``promote=128``
+(the CUDA tests check it on QuEST codes), not for adversarial ones (the same caveat as above). The epilogue
+multiplies by the two scales in float32 in an order of the library's choosing: the result may differ from the
+reference's ``(acc·a_scale)·b_scale`` by one float32 rounding before the bf16 rounding, i.e. at most one bf16
+unit in the last place (a bf16 bias is added in the same epilogue). Other output dtypes and float32 biases use
+unit tensor-wise scales and a float32 result with the reference's epilogue in torch — exact, with two more passes
+over the output. INT8: ``torch._int_mm`` (exact int32) and that epilogue.
 
 **Layout and limits.** Row-major ``a`` (M, K), ``b`` (N, K); K must be a multiple of 16 (TMA rows are
 16-byte aligned; FP8 MMAs take K in steps of 32, the kernel zero-fills the last block). M and N are free:
@@ -444,28 +465,25 @@ def _scaled_mm_torch(
     b_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    promote: int = 128,
 ) -> torch.Tensor:
-    """cuBLASLt/CUTLASS through torch. FP8: ``torch._scaled_mm`` with row-wise scales (a_scale (M, 1),
-    b_scale (1, N); b passed column-major as ``b.t()``; ``use_fast_accum=False`` promotes every 128 of K).
-    Row-wise scaling produces bf16 only; other output dtypes use unit tensor-wise scales, a float32 result
-    and a torch epilogue. INT8: ``torch._int_mm`` (int32) + a torch epilogue."""
+    """cuBLASLt/CUTLASS through torch (module docstring, "The torch backend"). FP8: ``torch._scaled_mm`` with
+    row-wise scales (a_scale (M, 1), b_scale (1, N); b passed column-major as ``b.t()``; ``use_fast_accum`` only
+    for ``promote=0``), one kernel for a bf16 output (a bf16 bias fused too); other output dtypes or biases: unit
+    tensor-wise scales, a float32 result and the reference's epilogue in torch. INT8: ``torch._int_mm`` (int32)
+    + that epilogue."""
     a = a.contiguous()
     bt = b.contiguous().t()  # (K, N) column-major: what cuBLASLt wants for the second operand
     if a.dtype == torch.int8:
         acc = torch._int_mm(a, bt).float()
-    elif out_dtype == torch.bfloat16:
-        out = torch._scaled_mm(
-            a,
-            bt,
-            scale_a=a_scale.reshape(-1, 1).contiguous(),
-            scale_b=b_scale.reshape(1, -1).contiguous(),
-            out_dtype=torch.bfloat16,
-            use_fast_accum=False,
-        )
-        return out if bias is None else (out.float() + bias.float()).to(out_dtype)
+    elif out_dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16):
+        # (M, 1) and (1, N) views of the contiguous (M,) and (N,) scales are contiguous themselves
+        return torch._scaled_mm(a, bt, scale_a=a_scale.contiguous().unsqueeze(1),
+                                scale_b=b_scale.contiguous().unsqueeze(0), bias=bias, out_dtype=torch.bfloat16,
+                                use_fast_accum=promote == 0)  # fmt: skip
     else:
         one = torch.ones((), device=a.device, dtype=torch.float32)
-        acc = torch._scaled_mm(a, bt, scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=False)
+        acc = torch._scaled_mm(a, bt, scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=promote == 0)
     out = acc * a_scale[:, None] * b_scale[None, :]
     if bias is not None:
         out = out + bias.float()
@@ -476,9 +494,30 @@ def _scaled_mm_torch(
 # custom op (opaque to torch.compile, fake tensor for shapes) and the public entry point
 # ----------------------------------------------------------------------------------------------------------
 
+#: Compute capabilities on which ``backend="auto"`` sends FP8 to torch's row-wise ``torch._scaled_mm``: Ada (CUTLASS),
+#: Hopper (cuBLASLt with CUDA ≥ 12.9, else CUTLASS), Blackwell B200 (CUTLASS) — the devices torch 2.11 implements
+#: row-wise FP8 scaling for.
+TORCH_ROWWISE_FP8 = ((8, 9), (9, 0), (10, 0))
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    return resolve_backend(backend, device, (9, 0))  # the persistent TMA kernel: Hopper
+
+@functools.cache
+def _torch_rowwise_fp8(index: int) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) in TORCH_ROWWISE_FP8
+
+
+def _resolve_backend(backend: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype, promote: int) -> str:
+    """``backend="auto"`` (module docstring, "Backends"): the reference on CPU; on CUDA, torch's row-wise FP8 GEMM
+    where it computes the op in one kernel (bf16 output, no bias or a bf16 one, N a multiple of 16, promotion
+    every 128 or never), else the Triton kernel on Hopper and torch's ops elsewhere."""
+    if backend != "auto":
+        return backend
+    dev = a.device
+    if (dev.type == "cuda" and a.dtype == torch.float8_e4m3fn and out_dtype == torch.bfloat16 and promote in (0, 128)
+            and b.shape[0] % 16 == 0 and (bias is None or bias.dtype == torch.bfloat16)
+            and _torch_rowwise_fp8(dev.index if dev.index is not None else torch.cuda.current_device())):
+        return "torch"
+    return resolve_backend(backend, dev, (9, 0))  # the persistent TMA kernel: Hopper
 
 
 def _scaled_mm_impl(
@@ -491,11 +530,11 @@ def _scaled_mm_impl(
     backend: str,
     promote: int,
 ) -> torch.Tensor:
-    which = _resolve_backend(backend, a.device)
+    which = _resolve_backend(backend, a, b, bias, out_dtype, promote)
     if which == "triton":
         return _scaled_mm_triton(a, b, a_scale, b_scale, bias, out_dtype, promote)
     if which == "torch":
-        return _scaled_mm_torch(a, b, a_scale, b_scale, bias, out_dtype)
+        return _scaled_mm_torch(a, b, a_scale, b_scale, bias, out_dtype, promote)
     return scaled_mm_ref(a, b, a_scale, b_scale, bias, out_dtype)
 
 
@@ -527,9 +566,11 @@ def scaled_mm(
     """(a·bᵀ) ⊙ a_scale[:, None] ⊙ b_scale[None, :] (+ bias) → (M, N) ``out_dtype`` (module docstring).
 
     ``a`` (M, K), ``b`` (N, K): both float8_e4m3fn or both int8. ``a_scale`` (M,), ``b_scale`` (N,): float32.
-    ``bias`` (N,): any float dtype. K must be a multiple of 16. ``backend``: auto | triton | torch | ref.
-    ``promote``: FP8 only, triton backend: promote the partial sum to float32 every this many values of K
-    (a multiple of 32, capped at the kernel's BLOCK_K = 128; 0 = never — Hopper's fast accumulation).
+    ``bias`` (N,): any float dtype. K must be a multiple of 16 (and N too for the torch backend's FP8 GEMM).
+    ``backend``: auto | triton | torch | ref.
+    ``promote``: FP8 only. Triton backend: promote the partial sum to float32 every this many values of K
+    (a multiple of 32, capped at the kernel's BLOCK_K = 128; 0 = never — Hopper's fast accumulation). Torch
+    backend: 0 = ``use_fast_accum=True``, anything else = torch's own promotion (module docstring).
     No autograd: the training op (:mod:`lowbit.kernels.quest_linear`) owns the backward."""
     _check(a, b, a_scale, b_scale, bias, out_dtype)
     if backend not in BACKENDS:
