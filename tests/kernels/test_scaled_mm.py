@@ -201,8 +201,8 @@ def test_torch_backend_rowwise_bf16():
 
 
 def test_auto_backend_decision(monkeypatch):
-    # backend="auto" on CUDA (decided on stand-ins: no GPU needed): torch's row-wise FP8 GEMM where it computes the
-    # whole op in one kernel, the Triton kernel (Hopper) for everything else, torch's ops on older GPUs
+    # backend="auto" (decided on stand-ins: no GPU needed): the exact Triton kernel on Hopper, torch's ops on older
+    # GPUs, the reference on CPU; torch's row-wise FP8 GEMM only when asked (it is not exact: module docstring)
     from types import SimpleNamespace
 
     import lowbit.kernels._triton as lt
@@ -210,28 +210,12 @@ def test_auto_backend_decision(monkeypatch):
     cap = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
     monkeypatch.setattr(lt, "has_triton", lambda: True)
-    sm._torch_rowwise_fp8.cache_clear()
-    cuda = torch.device("cuda", 0)
-
-    def pick(dtype=FP8, n=64, bias=None, out=torch.bfloat16, promote=128):
-        a = SimpleNamespace(device=cuda, dtype=dtype)
-        b = SimpleNamespace(shape=(n, 128))
-        return sm._resolve_backend("auto", a, b, bias, out, promote)
-
-    try:
-        assert pick() == "torch" and pick(promote=0) == "torch"
-        assert pick(bias=torch.zeros(64, dtype=torch.bfloat16)) == "torch"
-        for kw in (dict(dtype=torch.int8), dict(out=torch.float32), dict(out=torch.float16), dict(n=40),
-                   dict(bias=torch.zeros(64)), dict(promote=32)):  # fmt: skip
-            assert pick(**kw) == "triton", kw
-        for c, fp8, other in (((8, 9), "torch", "torch"), ((10, 0), "torch", "triton"), ((8, 0), "torch", "torch")):
-            cap["value"] = c
-            sm._torch_rowwise_fp8.cache_clear()
-            assert (pick(), pick(dtype=torch.int8)) == (fp8, other), c
-        assert sm._resolve_backend("auto", torch.zeros(2, 16, dtype=FP8), None, None, torch.bfloat16, 128) == "ref"
-        assert sm._resolve_backend("triton", None, None, None, None, 0) == "triton"
-    finally:
-        sm._torch_rowwise_fp8.cache_clear()
+    a = SimpleNamespace(device=torch.device("cuda", 0), dtype=FP8)
+    assert sm._resolve_backend("auto", a) == "triton"
+    assert sm._resolve_backend("torch", a) == "torch"
+    cap["value"] = (8, 9)
+    assert sm._resolve_backend("auto", a) == "torch"
+    assert sm._resolve_backend("auto", torch.zeros(2, 16, dtype=FP8)) == "ref"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,14 +327,15 @@ def test_gpu_fp8_exact_at_real_shapes(m, n, k, backend):
 
 
 @pytest.mark.needs_cuda
-def test_gpu_auto_picks_torch_rowwise_fp8():
+@pytest.mark.xfail(strict=False, reason="H100 2026-11-23: torch._scaled_mm row-wise differs from the reference beyond "
+                   "one bf16 ulp in 0.1-0.3 % of the outputs; measured here, not promised")
+def test_gpu_torch_rowwise_fp8_within_one_bf16_ulp():
     a, b, sa, sb, bias = operands(1000, 2048, 768, FP8, device="cuda")
-    rowwise = torch.cuda.get_device_capability() in sm.TORCH_ROWWISE_FP8
-    assert (sm._resolve_backend("auto", a, b, None, torch.bfloat16, 128) == "torch") == rowwise
-    y = scaled_mm(a, b, sa, sb)  # auto
+    assert sm._resolve_backend("auto", a) == "triton"  # auto keeps the exact kernel on Hopper
+    y = scaled_mm(a, b, sa, sb, backend="torch")
     assert within_one_bf16_ulp(y, scaled_mm_ref(a, b, sa, sb))
     bias16 = bias.to(torch.bfloat16)  # fused into torch's epilogue
-    assert within_one_bf16_ulp(scaled_mm(a, b, sa, sb, bias16), scaled_mm_ref(a, b, sa, sb, bias16))
+    assert within_one_bf16_ulp(scaled_mm(a, b, sa, sb, bias16, backend="torch"), scaled_mm_ref(a, b, sa, sb, bias16))
 
 
 @pytest.mark.needs_cuda

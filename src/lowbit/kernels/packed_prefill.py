@@ -21,8 +21,9 @@ existing kernels and writes none of its own:
 
 Both sums are exact (scaled_mm's docstring: half-integer FP8 products in float32 for K ≤ 74 565, INT8 in int32),
 so y equals the reference up to the rounding of the epilogue (the reference rounds each dequantized operand and
-every partial sum of its float32 matmul; the GEMM only the final scaling — in the reference's order with the
-Triton kernel, in the library's with torch's row-wise FP8 GEMM: one bf16 unit at most).
+every partial sum of its float32 matmul; the GEMM only the final scaling, in the reference's order). With
+``gemm_backend="torch"`` (torch's row-wise FP8 GEMM, faster on an H100) that no longer holds: scaled_mm's
+docstring has the measured deviation.
 
 **Weight operand cache.** The packed codes (0.25–1 byte/weight) are unpacked once into the GEMM's operand, FP8
 or int8, **1 byte per weight on top of the packed buffers** (a 4-bit 800m model: 0.5 B/weight packed + 1 B/weight
@@ -36,9 +37,8 @@ learned activation steps (LSQ/PACT), grouped weight steps, 8-bit centered grids,
 divide K, K not a multiple of 16, and QuEST activation specs other than ``quest_spec(bits)`` with the layer's
 block, trust and α.
 
-The GEMM is scaled_mm with its ``auto`` backend: FP8 with a bf16 output on torch's row-wise ``torch._scaled_mm``
-(cuBLASLt/CUTLASS: one ATen call, where an H100 measured it faster than the Triton kernel), everything else —
-INT8, float32 outputs — on scaled_mm's autotuned Triton kernel (Hopper); ``gemm_backend=`` picks one. The W4A4
+The GEMM is scaled_mm with its ``auto`` backend: the autotuned, exact Triton kernel on Hopper;
+``gemm_backend="torch"`` takes torch's row-wise ``torch._scaled_mm`` instead (faster, not exact). The W4A4
 activation quantizer (hadamard_quantize) is autotuned too. ``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs both
 Triton kernels with their one ``DEFAULT_GPU_CONFIG`` instead (:mod:`lowbit.kernels._triton`).
 """

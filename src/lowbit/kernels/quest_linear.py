@@ -13,9 +13,8 @@ Code format, chosen for the wider of the two grids: FP8 e4m3 (≤ 4 bits and ter
 values are exact, FP8 tensor cores), INT8 (5–7 bits: odd integers 2c+1 with step Δ/2, INT8 tensor cores),
 or — 8-bit centered grids fit neither — the dequantized values in the activation dtype and a plain GEMM. In
 the first two the GEMM's sum is exact (scaled_mm's docstring), so y equals the fake-quant product up to the
-float32 rounding of the epilogue — and, where scaled_mm's auto backend runs FP8 on torch's row-wise
-``torch._scaled_mm`` (bf16 outputs on Ada/Hopper/B200), up to one bf16 unit more (its epilogue orders the two
-scale multiplies its own way; ``gemm_backend="triton"`` is the reference's order).
+float32 rounding of the epilogue (scaled_mm's auto backend: the exact Triton kernel on Hopper; torch's
+row-wise ``torch._scaled_mm``, faster but not exact, only with ``gemm_backend="torch"``).
 
 **Backward** — with X̂ = C_x ⊙ s_x and Ŵ = C_w ⊙ s_w the rotated quantized operands and M_x, M_w the trust masks:
 

@@ -41,17 +41,16 @@ Without promotion all configs compile spill-free; the SASS shows QGMMA (FP8) / I
 loads/stores (UTMALDG/UTMASTG).
 
 Backends (``backend=``): ``"triton"`` (the persistent TMA kernel below), ``"torch"`` (``torch._scaled_mm``
-with row-wise scales for FP8, ``torch._int_mm`` + a torch epilogue for INT8), ``"ref"``. ``"auto"``: the
-reference on CPU; on CUDA, FP8 goes to torch's row-wise ``torch._scaled_mm`` wherever it computes the whole op in
-one kernel — a device of :data:`TORCH_ROWWISE_FP8` (Ada, Hopper, B200), bf16 output, no bias or a bf16 one, N a
-multiple of 16, ``promote`` 128 or 0 — and everything else (INT8, float32/fp16 outputs, float32 biases, odd N,
-``promote`` 32/64) to the Triton kernel on compute capability ≥ 9.0 with Triton installed, to torch's ops on
-other GPUs. Why torch first: at both training shapes measured on an H100 ``torch._scaled_mm`` was the faster
-(430m up 1.56× bf16 against this kernel's 1.15×, 130m up 0.59× against 0.49×: benchmarks/results/
-h100-2026-11-23/bench_kernels.md), and its host time is one ATen call against a Python launch with three TMA
-descriptors — a one-layer prefill GEMM is short enough for that to show. Under ``TRITON_INTERPRET=1`` the
-triton backend also runs on CPU tensors (tests). On a GPU the kernel is autotuned over :data:`GPU_CONFIGS`;
-``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs :data:`DEFAULT_GPU_CONFIG` instead.
+with row-wise scales for FP8, ``torch._int_mm`` + a torch epilogue for INT8), ``"ref"``. ``"auto"`` picks triton
+on a CUDA device of compute capability ≥ 9.0 with Triton installed, torch on other CUDA devices, and the
+reference on CPU. torch's row-wise ``torch._scaled_mm`` is the faster FP8 GEMM on an H100 (prefill shapes of the
+800m model, CUDA graphs: 1.48–1.68× bf16 against this kernel's 1.11–1.16×; benchmarks/results/h100-2026-11-23-s5/
+bench_decode_prefill.md), but it is **not** the reference's result there: on 2026-11-23 its bf16 outputs
+differed from the reference beyond one bf16 unit in 0.1–0.3 % of the elements (up to 0.076 at K = 4096 and
+11008, and already at K = 768), where this kernel is exact. So auto keeps the exact kernel; ``backend="torch"``
+is the opt-in for speed (torch 2.11 implements row-wise FP8 scaling on Ada, Hopper and B200). Under
+``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (tests). On a GPU the kernel is autotuned over
+:data:`GPU_CONFIGS`; ``LOWBIT_AUTOTUNE=0`` (the kernel tests) runs :data:`DEFAULT_GPU_CONFIG` instead.
 
 **The torch backend, and what is exact there.** FP8 with a bf16 output: ``torch._scaled_mm(a, b.t(),
 scale_a=a_scale[:, None], scale_b=b_scale[None, :], out_dtype=bf16, use_fast_accum=(promote == 0))`` — ``b``
@@ -494,30 +493,10 @@ def _scaled_mm_torch(
 # custom op (opaque to torch.compile, fake tensor for shapes) and the public entry point
 # ----------------------------------------------------------------------------------------------------------
 
-#: Compute capabilities on which ``backend="auto"`` sends FP8 to torch's row-wise ``torch._scaled_mm``: Ada (CUTLASS),
-#: Hopper (cuBLASLt with CUDA ≥ 12.9, else CUTLASS), Blackwell B200 (CUTLASS) — the devices torch 2.11 implements
-#: row-wise FP8 scaling for.
-TORCH_ROWWISE_FP8 = ((8, 9), (9, 0), (10, 0))
-
-
-@functools.cache
-def _torch_rowwise_fp8(index: int) -> bool:
-    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) in TORCH_ROWWISE_FP8
-
-
-def _resolve_backend(backend: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-                     out_dtype: torch.dtype, promote: int) -> str:
-    """``backend="auto"`` (module docstring, "Backends"): the reference on CPU; on CUDA, torch's row-wise FP8 GEMM
-    where it computes the op in one kernel (bf16 output, no bias or a bf16 one, N a multiple of 16, promotion
-    every 128 or never), else the Triton kernel on Hopper and torch's ops elsewhere."""
-    if backend != "auto":
-        return backend
-    dev = a.device
-    if (dev.type == "cuda" and a.dtype == torch.float8_e4m3fn and out_dtype == torch.bfloat16 and promote in (0, 128)
-            and b.shape[0] % 16 == 0 and (bias is None or bias.dtype == torch.bfloat16)
-            and _torch_rowwise_fp8(dev.index if dev.index is not None else torch.cuda.current_device())):
-        return "torch"
-    return resolve_backend(backend, dev, (9, 0))  # the persistent TMA kernel: Hopper
+def _resolve_backend(backend: str, a: torch.Tensor) -> str:
+    """``backend="auto"`` (module docstring, "Backends"): the reference on CPU; on CUDA the Triton kernel on Hopper
+    (exact), torch's ops elsewhere."""
+    return resolve_backend(backend, a.device, (9, 0))  # the persistent TMA kernel: Hopper
 
 
 def _scaled_mm_impl(
@@ -530,7 +509,7 @@ def _scaled_mm_impl(
     backend: str,
     promote: int,
 ) -> torch.Tensor:
-    which = _resolve_backend(backend, a, b, bias, out_dtype, promote)
+    which = _resolve_backend(backend, a)
     if which == "triton":
         return _scaled_mm_triton(a, b, a_scale, b_scale, bias, out_dtype, promote)
     if which == "torch":
