@@ -32,12 +32,7 @@ SUMMARY="$OUT/summary.txt"
 
 source benchmarks/gpu_steps.sh  # step NAME SECONDS COMMAND...
 
-{
-  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-  git rev-parse --short HEAD 2>/dev/null && git status --short 2>/dev/null | head -20
-} 2>&1 | tee "$OUT/machine.txt"
+machine_info
 
 step tests "${T_TESTS:-130}" $PY -m pytest -q -p no:cacheprovider -m needs_cuda --durations 10 \
   -k "not (gpu_autotuned or accumulation_adversarial or int8_exact)" --junitxml="$OUT/tests.xml" \

@@ -41,13 +41,7 @@ SUMMARY="$OUT/summary.txt"
 
 source benchmarks/gpu_steps.sh  # step NAME SECONDS COMMAND...
 
-{
-  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
-  $PY -c "import pytest, matplotlib; print('pytest', pytest.__version__, 'matplotlib', matplotlib.__version__)"
-  git rev-parse --short HEAD 2>/dev/null && git status --short 2>/dev/null | head -20
-} 2>&1 | tee "$OUT/machine.txt"
+machine_info
 
 RECIPES=${RECIPES:-bf16,quest-w4a4,bitnet-b1.58,dqt-int8,quest-w8a8,dqt-ternary}
 case "$PART" in  # which steps run, in order (STEPS="a b c" overrides)
