@@ -20,6 +20,8 @@
 #   decode     rest    bench_decode.py (GEMV, end-to-end decode, prefill), only if ≥ 90 s are left
 #   int8_tests   60 s  pytest -m needs_cuda tests/kernels/test_int8_rows.py (the BitNet activation quantizer kernel)
 #   gen_tests    90 s  pytest -m needs_cuda tests/test_generate.py (CUDA-graph and compiled decode vs eager)
+#   sweep       280 s  sweep_gemv.py: the decode GEMV per configuration of its tables (+ autotuned) vs bf16
+#   gemv        120 s  bench_decode.py --only gemv: the GEMV rows of the issue (autotuned)
 #   e2e_c      rest    bench_decode.py --only e2e --compile: 800m decode, eager vs torch.compile'd step (both
 #                      CUDA-graphed), bf16 and ternary A16 ($E2E_VARIANTS), only if ≥ 90 s are left
 #
@@ -80,6 +82,9 @@ for s in $STEPS; do
         --vocab 32000 --steps 10 --warmup 3 --kernels on,off --time-budget $((left - 45)) \
         --out "$OUT/bench_train_430m.md"
     else printf '%-10s skipped: %ss left of TOTAL=%s\n' train430 "$left" "$TOTAL" >>"$SUMMARY"; fi ;;
+  sweep) step sweep "${T_SWEEP:-280}" $PY benchmarks/sweep_gemv.py --formats "${SWEEP_FORMATS:-ternary,w4,w8}" \
+      --time-budget $((${T_SWEEP:-280} - 30)) --out "$OUT/sweep_gemv.md" ;;
+  gemv) step gemv "${T_GEMVB:-120}" $PY benchmarks/bench_decode.py --only gemv --out "$OUT/bench_decode_gemv.md" ;;
   gemv_tests) step gemv_tests "${T_GEMV:-90}" $PY -m pytest $TESTOPTS -m needs_cuda \
       tests/kernels/test_lowbit_gemv.py tests/kernels/test_packed_prefill.py ;;
   int8_tests) step int8_tests "${T_INT8:-60}" env LOWBIT_AUTOTUNE=0 $PY -m pytest $TESTOPTS -m needs_cuda \

@@ -168,15 +168,48 @@ def test_kernel_vs_ref_interpreted(interpret, layout, b, k, dtype, groups, det) 
 
 
 def test_split_k_configs_interpreted(interpret) -> None:
-    """Every SPLIT_K, atomic and deterministic, gives the reference (float32, 4-bit, batch 1 and 3)."""
+    """Every SPLIT_K of the byte kernel, atomic and deterministic, gives the reference (float32, 4-bit, batch 1
+    and 3)."""
     _, packed, scale, zero = _weights("w4-int", 19, 200)
     for b in (1, 3):
         x = _x(b, 200)
         for split in (1, 3, 4):
             for det in (False, True):
                 cfg = {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": split}
-                got = lg._lowbit_gemv_triton(x, packed, scale, None, "4bit", zero, det, config=cfg)
+                got = lg._lowbit_gemv_triton(x, packed, scale, None, "4bit", zero, det, config=cfg, kernel="bytes")
                 _assert_within_ref_error(got, x, packed, scale, None, "4bit", zero, interpreted=True)
+
+
+@pytest.mark.parametrize("layout", ["ternary", "w2-centered", "w4-int", "w4-centered", "w8", "w1"])
+def test_word_kernel_vs_ref_interpreted(interpret, layout) -> None:
+    """The word kernel (int32 loads, digits dequantized in place) at batch 1 (FMA) and 3, 16 (tensor cores), with
+    split-K atomic and deterministic, bias, per-row and per-tensor steps; K a whole number of words but not of
+    the block, so the tail is masked."""
+    storage = LAYOUTS[layout][0]
+    per_word = 4 * lg._per_byte(storage)
+    k = per_word * 11
+    for b, groups, det in ((1, 0, False), (1, -1, True), (3, 0, True), (16, -1, False)):
+        _, packed, scale, zero = _weights(layout, 23, k, groups=groups, seed=b)
+        x = _x(b, k, seed=b + 7)
+        bias = torch.randn(23) if b == 3 else None
+        for split in (1, 2):
+            cfg = {"BLOCK_N": 16, "BLOCK_W": 4, "SPLIT_K": split}
+            got = lg._lowbit_gemv_triton(x, packed, scale, bias, storage, zero, det, config=cfg, kernel="words")
+            _assert_within_ref_error(got, x, packed, scale, bias, storage, zero, interpreted=True)
+    with pytest.raises(ValueError, match="word kernel"):  # rows of 10 bytes are not whole int32 words
+        lg._lowbit_gemv_triton(torch.zeros(1, 20), torch.zeros(5, 10, dtype=torch.uint8), torch.ones(5, 1), None,
+                               "4bit", 7.5, False, kernel="words")
+
+
+def test_word_view_where_it_applies() -> None:
+    """The word kernel takes bit storages with whole-word rows and per-row/per-tensor steps; the byte kernel the
+    rest (base 3, per-group steps, ragged rows, misaligned views)."""
+    rows = torch.zeros(5, 12, dtype=torch.uint8)
+    assert lg._word_view(rows, "2bit", 1).shape == (5, 3)
+    assert lg._word_view(rows, "base3", 1) is None
+    assert lg._word_view(rows, "2bit", 2) is None
+    assert lg._word_view(torch.zeros(5, 10, dtype=torch.uint8), "4bit", 1) is None
+    assert lg._word_view(torch.zeros(5, 13, dtype=torch.uint8)[:, 1:], "4bit", 1) is None
 
 
 def test_workspace_only_where_split_k_needs_it() -> None:

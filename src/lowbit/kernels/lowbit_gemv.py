@@ -191,6 +191,39 @@ GPU_CONFIGS = (
 #: needs 224 KB for grouped int8 × fp32).
 DEFAULT_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4}
 
+#: The word kernel (bit storages 1/2/4/8 with per-tensor or per-row steps, rows a whole number of int32 words):
+#: (BLOCK_N, BLOCK_W words, SPLIT_K, num_warps, num_stages). Batch 1 (FMA): few rows per program, a long stretch
+#: of each row — many programs (N / BLOCK_N) and 16-byte loads, no split-K pass where N fills the SMs.
+WORDS_FMA_CONFIGS = (
+    (4, 256, 1, 2, 1),
+    (8, 256, 1, 4, 1),
+    (8, 128, 1, 2, 2),
+    (8, 512, 1, 8, 1),
+    (16, 256, 1, 4, 1),
+    (16, 128, 1, 4, 2),
+    (16, 64, 1, 2, 3),
+    (32, 128, 1, 8, 2),
+    (32, 64, 1, 4, 2),
+    (64, 64, 1, 8, 2),
+    (16, 128, 2, 4, 2),
+    (32, 128, 4, 4, 2),
+)
+#: Batch 2–16 (tensor cores: the batch is the dot's N = 16).
+WORDS_DOT_CONFIGS = (
+    (16, 64, 1, 4, 2),
+    (16, 128, 1, 4, 2),
+    (32, 64, 1, 4, 2),
+    (32, 128, 1, 4, 2),
+    (64, 32, 1, 4, 3),
+    (64, 64, 1, 4, 2),
+    (64, 128, 1, 8, 2),
+    (128, 64, 1, 8, 2),
+    (64, 64, 2, 4, 2),
+    (32, 64, 4, 4, 2),
+)
+WORDS_INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_W": 4, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2}
+WORDS_DEFAULT_GPU_CONFIG = {"BLOCK_N": 16, "BLOCK_W": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2}
+
 
 def _to_float(u, zero):
     # u (int32, 0 ≤ u < 2²¹) → float32 u − zero, exactly: the bits 0x4A800000 | 2u are the float 2²² + u
@@ -278,12 +311,91 @@ def _lowbit_gemv_kernel(
             tl.store(wsp, y, mask=ok)
 
 
-_JIT_FUNCTIONS = ("_to_float", "_lowbit_gemv_kernel")
+def _gemv_words_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr,
+    B, N, K, KW, zero,
+    stride_xb, stride_wn, stride_sn, stride_ob, stride_ws,
+    BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    # The packed rows read as little-endian int32 words: digit q of word w (bits [BITS·q, BITS·q + BITS)) is code
+    # D·w + q, D = 32 / BITS — packing's bit order makes a word's digits consecutive codes. A word is unpacked in
+    # two 16-bit halves, each moved up one bit (word << 1, word >> 15); digit j of a half then sits at bits
+    # sh = BITS·j + 1 … and is turned into a float *where it lies*: (half & (MASK << sh)) | bits(2²³) is the float
+    # 2²³ + 2^sh·u, and 2^-sh·that − (2^(22 − BITS·j) + zero) is u − zero, exactly (one FMA; every term is a
+    # multiple of ½ below 2²³). Per code: one LOP3, one FMA to dequantize, one FMA (or a tensor-core MAC).
+    D: tl.constexpr = 32 // BITS
+    DH: tl.constexpr = D // 2
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    n_ok = offs_n < N
+    b_ok = offs_b < B
+    kw_per = ((KW + SPLIT_K - 1) // SPLIT_K + BLOCK_W - 1) // BLOCK_W * BLOCK_W
+    kw_lo = pid_k * kw_per
+    kw_hi = min(kw_lo + kw_per, KW)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    if USE_DOT:
+        acc = tl.full((BLOCK_N, BLOCK_B), 0.0, dtype=tl.float32)
+    else:
+        acc2 = tl.full((BLOCK_N, BLOCK_W), 0.0, dtype=tl.float32)
+        x_row = x_ptr + pid_b * stride_xb
+    for w0 in range(kw_lo, kw_hi, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        word = tl.load(w_rows + offs_w[None, :], mask=n_ok[:, None] & (offs_w[None, :] < kw_hi), other=0)
+        if SIGNED:  # int8 storage: the signed code c → the digit c + 128 (flip each byte's top bit)
+            word = word ^ -2139062144  # 0x80808080 as int32
+        for h in tl.static_range(2):
+            if h == 0:
+                half = word << 1
+            else:
+                half = word >> 15
+            for j in tl.static_range(DH):
+                f = ((half & (MASK << (BITS * j + 1))) | 0x4B000000).to(tl.float32, bitcast=True)
+                wv = f * (1.0 / (1 << (BITS * j + 1))) - ((4194304.0 / (1 << (BITS * j))) + zero)  # u − zero
+                offs_k = offs_w * D + (h * DH + j)
+                if USE_DOT:
+                    xt = tl.load(x_ptr + offs_b[None, :].to(tl.int64) * stride_xb + offs_k[:, None],
+                                 mask=b_ok[None, :] & (offs_k[:, None] < K), other=0.0)
+                    if DOT_F32:
+                        acc = tl.dot(wv, xt.to(tl.float32), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(wv.to(xt.dtype), xt, acc)
+                else:
+                    xv = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0)
+                    acc2 += wv * xv.to(tl.float32)[None, :]
+    if USE_DOT:
+        y = acc  # (BLOCK_N, BLOCK_B)
+    else:
+        y = tl.sum(acc2, axis=1)[:, None]  # (BLOCK_N, 1): batch row pid_b
+        offs_b = pid_b * BLOCK_B + tl.arange(0, 1)
+        b_ok = offs_b < B
+    y = y * tl.load(scale_ptr + offs_n * stride_sn, mask=n_ok, other=0.0)[:, None]
+    ok = n_ok[:, None] & b_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        o = out_ptr + offs_b[None, :].to(tl.int64) * stride_ob + offs_n[:, None]
+        tl.store(o, y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        wsp = ws_ptr + pid_k * stride_ws + offs_b[None, :].to(tl.int64) * N + offs_n[:, None]
+        if ATOMIC:
+            tl.atomic_add(wsp, y, mask=ok)
+        else:
+            tl.store(wsp, y, mask=ok)
+
+
+_JIT_FUNCTIONS = ("_to_float", "_lowbit_gemv_kernel", "_gemv_words_kernel")
 
 
 @dataclass(frozen=True)
 class _Kernels:
     kernel: object  # jitted, explicit config
+    words: object  # the word kernel, jitted
     triton: object
 
     @functools.cache  # noqa: B019 — one per (mode, bytes-per-chunk divisor); the instance lives forever
@@ -294,6 +406,15 @@ class _Kernels:
                    for bn, bk, sk, w, st in GPU_CONFIGS]
         key = ["B", "N", "K", "GROUP", "BITS", "BASE3", "GROUPED", "HAS_BIAS", "USE_DOT", "ATOMIC"]
         return self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"])(self.kernel)
+
+    @functools.cache  # noqa: B019
+    def tuned_words(self, use_dot: bool) -> object:
+        """The word kernel autotuned over WORDS_DOT_CONFIGS (batch > 1) or WORDS_FMA_CONFIGS (batch 1)."""
+        table = WORDS_DOT_CONFIGS if use_dot else WORDS_FMA_CONFIGS
+        configs = [self.triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+                   for bn, bw, sk, w, st in table]
+        key = ["B", "N", "K", "BITS", "HAS_BIAS", "USE_DOT", "ATOMIC"]
+        return self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"])(self.words)
 
 
 @functools.cache
@@ -306,8 +427,9 @@ def _kernels(interpret: bool) -> _Kernels:
 
     if interpret != interpreting():
         raise RuntimeError("TRITON_INTERPRET changed while the kernels were being built")
-    ns = jit_namespace(globals(), _JIT_FUNCTIONS, dict(triton=triton, tl=tl), nospec={"_lowbit_gemv_kernel": ("zero",)})
-    return _Kernels(ns["_lowbit_gemv_kernel"], triton)
+    ns = jit_namespace(globals(), _JIT_FUNCTIONS, dict(triton=triton, tl=tl),
+                       nospec={"_lowbit_gemv_kernel": ("zero",), "_gemv_words_kernel": ("zero",)})
+    return _Kernels(ns["_lowbit_gemv_kernel"], ns["_gemv_words_kernel"], triton)
 
 
 #: SPLIT_K of the autotuner's choice per launch signature, recorded after the first autotuned launch (the
@@ -327,10 +449,23 @@ def _workspace(b: int, n: int, atomic: bool, device: torch.device, split: int | 
     return torch.empty((SPLIT_MAX, b, n), device=device, dtype=torch.float32)
 
 
+def _word_view(codes: torch.Tensor, storage: str, groups: int) -> torch.Tensor | None:
+    """The packed rows as int32 words for the word kernel, or None where it does not apply: base-3 storage,
+    per-group steps, rows that are not a whole number of words, or storage not 4-byte aligned."""
+    if storage == "base3" or groups > 1 or codes.shape[1] % 4 or codes.stride(1) != 1 or codes.stride(0) % 4:
+        return None
+    if codes.storage_offset() % 4 or codes.data_ptr() % 4:
+        return None
+    return codes.view(torch.int32)
+
+
 def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                        storage: str, zero: float, deterministic: bool, config: dict | None = None) -> torch.Tensor:
-    """Launch on x (B, K): autotuned on a GPU; ``config`` (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages),
-    :data:`INTERPRET_CONFIG` under the interpreter, or :data:`DEFAULT_GPU_CONFIG` with ``LOWBIT_AUTOTUNE=0``."""
+                        storage: str, zero: float, deterministic: bool, config: dict | None = None,
+                        kernel: str = "auto") -> torch.Tensor:
+    """Launch on x (B, K): autotuned on a GPU; ``config`` (BLOCK_N, BLOCK_K or BLOCK_W, SPLIT_K, num_warps,
+    num_stages), the INTERPRET_CONFIGs under the interpreter, or the DEFAULT_GPU_CONFIGs with
+    ``LOWBIT_AUTOTUNE=0``. ``kernel``: "auto" (the word kernel wherever :func:`_word_view` allows, else the byte
+    kernel), "words" or "bytes" (tests and benchmarks)."""
     interpret = interpreting()
     if not interpret and not x.is_cuda:
         raise RuntimeError("lowbit_gemv backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
@@ -345,38 +480,55 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     kern = _kernels(interpret)
     x = x.contiguous()
     codes = codes.contiguous()
-    if storage == "int8":  # the kernel reads the signed code c as the digit c + 128: shift zero to match
+    if storage == "int8":  # the kernels read the signed code c as the digit c + 128: shift zero to match
         zero = zero + 128.0
     s = _row_scale(scale, n)
+    words = None if kernel == "bytes" else _word_view(codes, storage, groups)
+    if kernel == "words" and words is None:
+        raise ValueError(f"lowbit_gemv: the word kernel does not take {storage} codes of shape {tuple(codes.shape)} "
+                         f"with {groups} scale groups")
     grouped = groups > 1
     use_dot = b > 1
     atomic = not deterministic
-    cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
-    sig = (b, n, k, groups, storage, bias is not None, use_dot, atomic, x.dtype, x.device)
+    dot_f32 = interpret or x.dtype == torch.float32 or grouped
+    if words is not None:
+        cfg = launch_config(config, interpret, WORDS_INTERPRET_CONFIG, WORDS_DEFAULT_GPU_CONFIG)
+    else:
+        cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
+    sig = (words is not None, b, n, k, groups, storage, bias is not None, use_dot, atomic, x.dtype, x.device)
     ws = _workspace(b, n, atomic, x.device, cfg["SPLIT_K"] if cfg is not None else _TUNED_SPLIT.get(sig))
-    args = (x, codes, s, bias if bias is not None else s, out, ws, b, n, k, codes.shape[1], k // groups, zero,
-            x.stride(0), codes.stride(0), s.stride(0), s.stride(1), out.stride(0), 0 if atomic else b * n)
-    per = _per_byte(storage)
-    kb_div = 4 if per == 5 else per
-    flags = dict(BITS=_BITS[storage] or 2, BASE3=storage == "base3", PER=per, SIGNED=storage == "int8",
-                 GROUPED=grouped, HAS_BIAS=bias is not None,
-                 USE_DOT=use_dot, DOT_F32=interpret or x.dtype == torch.float32 or grouped, ATOMIC=atomic,
-                 BLOCK_B=BLOCK_B if use_dot else 1)
-    nb = -(-b // flags["BLOCK_B"])
+    bias_arg = bias if bias is not None else s
+    block_b = BLOCK_B if use_dot else 1
+    nb = -(-b // block_b)
+    if words is not None:
+        args = (x, words, s, bias_arg, out, ws, b, n, k, words.shape[1], zero,
+                x.stride(0), words.stride(0), s.stride(0), out.stride(0), 0 if atomic else b * n)
+        flags = dict(BITS=_BITS[storage], SIGNED=storage == "int8", HAS_BIAS=bias is not None, USE_DOT=use_dot,
+                     DOT_F32=dot_f32, ATOMIC=atomic, BLOCK_B=block_b)
+        plain, tuned = kern.words, (kern.tuned_words(use_dot) if cfg is None else None)
+    else:
+        args = (x, codes, s, bias_arg, out, ws, b, n, k, codes.shape[1], k // groups, zero,
+                x.stride(0), codes.stride(0), s.stride(0), s.stride(1), out.stride(0), 0 if atomic else b * n)
+        per = _per_byte(storage)
+        kb_div = 4 if per == 5 else per
+        flags = dict(BITS=_BITS[storage] or 2, BASE3=storage == "base3", PER=per, SIGNED=storage == "int8",
+                     GROUPED=grouped, HAS_BIAS=bias is not None, USE_DOT=use_dot, DOT_F32=dot_f32, ATOMIC=atomic,
+                     BLOCK_B=block_b)
+        plain, tuned = kern.kernel, (kern.tuned(kb_div) if cfg is None else None)
+        if cfg is not None:
+            cfg["BLOCK_KB"] = max(16, cfg.pop("BLOCK_K") // kb_div)  # tl.dot takes K ≥ 16 (1-bit: 128 codes)
     if cfg is None:
         def grid(meta: dict) -> tuple[int, int, int]:
             return (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"], nb)
 
-        tuned = kern.tuned(kb_div)
         tuned[grid](*args, **flags)
         split = _TUNED_SPLIT[sig] = tuned.best_config.kwargs["SPLIT_K"]
     else:
         nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
         split = cfg["SPLIT_K"]
-        cfg["BLOCK_KB"] = max(16, cfg.pop("BLOCK_K") // kb_div)  # tl.dot takes K ≥ 16 (1-bit: 128 codes)
         if split > SPLIT_MAX:
             raise ValueError(f"SPLIT_K={split} > {SPLIT_MAX}")
-        kern.kernel[(-(-n // cfg["BLOCK_N"]), split, nb)](*args, **flags, **cfg, num_warps=nw, num_stages=ns)
+        plain[(-(-n // cfg["BLOCK_N"]), split, nb)](*args, **flags, **cfg, num_warps=nw, num_stages=ns)
     if split == 1:
         return out
     y = ws if atomic else ws[:split].sum(0)
