@@ -197,32 +197,35 @@ DEFAULT_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 
 WORDS_FMA_CONFIGS = (
     (4, 256, 1, 2, 1),
     (8, 256, 1, 4, 1),
-    (8, 128, 1, 2, 2),
-    (8, 512, 1, 8, 1),
-    (16, 256, 1, 4, 1),
-    (16, 128, 1, 4, 2),
-    (16, 64, 1, 2, 3),
-    (32, 128, 1, 8, 2),
-    (32, 64, 1, 4, 2),
-    (64, 64, 1, 8, 2),
-    (16, 128, 2, 4, 2),
-    (32, 128, 4, 4, 2),
+    (8, 128, 1, 2, 1),
+    (8, 64, 1, 1, 1),
+    (16, 64, 1, 2, 1),
+    (16, 64, 1, 2, 2),
+    (16, 128, 1, 4, 1),
+    (32, 32, 1, 2, 1),
+    (32, 64, 1, 4, 1),
+    (64, 16, 1, 2, 1),
+    (16, 64, 2, 2, 1),
+    (32, 32, 4, 2, 1),
+    (8, 256, 2, 4, 1),
 )
-#: Batch 2–16 (tensor cores: the batch is the dot's N = 16).
+#: Batch 2–16 (tensor cores, one dot per digit plane: the batch is the dot's N = 16; BLOCK_N ≥ 64 gives
+#: Hopper's warpgroup MMA).
 WORDS_DOT_CONFIGS = (
-    (16, 64, 1, 4, 2),
-    (16, 128, 1, 4, 2),
-    (32, 64, 1, 4, 2),
-    (32, 128, 1, 4, 2),
-    (64, 32, 1, 4, 3),
-    (64, 64, 1, 4, 2),
-    (64, 128, 1, 8, 2),
-    (128, 64, 1, 8, 2),
-    (64, 64, 2, 4, 2),
-    (32, 64, 4, 4, 2),
+    (64, 16, 1, 4, 1),
+    (64, 32, 1, 4, 1),
+    (64, 16, 1, 4, 2),
+    (128, 16, 1, 8, 1),
+    (128, 32, 1, 8, 1),
+    (64, 16, 2, 4, 1),
+    (64, 32, 2, 4, 1),
+    (64, 16, 4, 4, 1),
+    (128, 32, 4, 8, 1),
+    (32, 16, 1, 4, 1),
+    (32, 16, 4, 4, 1),
 )
 WORDS_INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_W": 4, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2}
-WORDS_DEFAULT_GPU_CONFIG = {"BLOCK_N": 16, "BLOCK_W": 64, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2}
+WORDS_DEFAULT_GPU_CONFIG = {"BLOCK_N": 64, "BLOCK_W": 16, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}
 
 
 def _to_float(u, zero):
@@ -311,9 +314,34 @@ def _lowbit_gemv_kernel(
             tl.store(wsp, y, mask=ok)
 
 
+def _digit(word, Q: tl.constexpr, BITS: tl.constexpr, magic, zero):
+    # u − zero of digit Q of every int32 word, float32, exactly (the word kernel's comment says how)
+    DH: tl.constexpr = 16 // BITS
+    J: tl.constexpr = Q % DH
+    if Q < DH:
+        half = word << 1
+    else:
+        half = word >> 15
+    f = ((half & (((1 << BITS) - 1) << (BITS * J + 1))) | magic).to(tl.float32, bitcast=True)
+    return f * (1.0 / (1 << (BITS * J + 1))) - ((4194304.0 / (1 << (BITS * J))) + zero)
+
+
+def _plane(x, Q: tl.constexpr, D: tl.constexpr):
+    # x (R, W, D) → its plane q = Q, (R, W): halves the last dimension by splitting even/odd entries, Q's bits
+    # from the lowest (each split is a register renaming when the last dimension lies within a thread)
+    if D == 1:
+        return tl.reshape(x, (x.shape[0], x.shape[1]))
+    else:
+        even, odd = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], D // 2, 2)))
+        if Q % 2 == 0:
+            return _plane(even, Q // 2, D // 2)
+        else:
+            return _plane(odd, Q // 2, D // 2)
+
+
 def _gemv_words_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr,
-    B, N, K, KW, zero,
+    B, N, K, KW, zero, magic,
     stride_xb, stride_wn, stride_sn, stride_ob, stride_ws,
     BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, ATOMIC: tl.constexpr,
@@ -322,58 +350,56 @@ def _gemv_words_kernel(
     # The packed rows read as little-endian int32 words: digit q of word w (bits [BITS·q, BITS·q + BITS)) is code
     # D·w + q, D = 32 / BITS — packing's bit order makes a word's digits consecutive codes. A word is unpacked in
     # two 16-bit halves, each moved up one bit (word << 1, word >> 15); digit j of a half then sits at bits
-    # sh = BITS·j + 1 … and is turned into a float *where it lies*: (half & (MASK << sh)) | bits(2²³) is the float
-    # 2²³ + 2^sh·u, and 2^-sh·that − (2^(22 − BITS·j) + zero) is u − zero, exactly (one FMA; every term is a
-    # multiple of ½ below 2²³). Per code: one LOP3, one FMA to dequantize, one FMA (or a tensor-core MAC).
+    # sh = BITS·j + 1 … and is turned into a float *where it lies*: (half & (MASK << sh)) | magic, magic = bits of
+    # 2²³ (a runtime argument, so that the AND and the OR are one LOP3), is the float 2²³ + 2^sh·u, and
+    # 2^-sh·that − (2^(22 − BITS·j) + zero) is u − zero, exactly (one FMA; every term a multiple of ½ below 2²³).
+    # The activations of a chunk are one contiguous (rows, BLOCK_W, D) load, split into the D digit planes in
+    # registers; the next chunk's words are loaded before this chunk is unpacked (a register prefetch).
     D: tl.constexpr = 32 // BITS
-    DH: tl.constexpr = D // 2
-    MASK: tl.constexpr = (1 << BITS) - 1
+    XR: tl.constexpr = BLOCK_B if USE_DOT else 1  # rows of x per program
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_b = pid_b * XR + tl.arange(0, XR)
     n_ok = offs_n < N
     b_ok = offs_b < B
     kw_per = ((KW + SPLIT_K - 1) // SPLIT_K + BLOCK_W - 1) // BLOCK_W * BLOCK_W
     kw_lo = pid_k * kw_per
     kw_hi = min(kw_lo + kw_per, KW)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    x_rows = x_ptr + offs_b.to(tl.int64) * stride_xb
+    offs_d = tl.arange(0, D)
     if USE_DOT:
-        acc = tl.full((BLOCK_N, BLOCK_B), 0.0, dtype=tl.float32)
+        acc = tl.full((BLOCK_N, XR), 0.0, dtype=tl.float32)
     else:
         acc2 = tl.full((BLOCK_N, BLOCK_W), 0.0, dtype=tl.float32)
-        x_row = x_ptr + pid_b * stride_xb
+    offs_w = kw_lo + tl.arange(0, BLOCK_W)
+    nxt = tl.load(w_rows + offs_w[None, :], mask=n_ok[:, None] & (offs_w[None, :] < kw_hi), other=0)
     for w0 in range(kw_lo, kw_hi, BLOCK_W):
+        word = nxt
         offs_w = w0 + tl.arange(0, BLOCK_W)
-        word = tl.load(w_rows + offs_w[None, :], mask=n_ok[:, None] & (offs_w[None, :] < kw_hi), other=0)
+        nxt = tl.load(w_rows + BLOCK_W + offs_w[None, :], mask=n_ok[:, None] & (offs_w[None, :] + BLOCK_W < kw_hi),
+                      other=0)
+        offs_k = offs_w[:, None] * D + offs_d[None, :]  # (BLOCK_W, D) code indices of the chunk
+        x3 = tl.load(x_rows[:, None, None] + offs_k[None, :, :], mask=b_ok[:, None, None] & (offs_k < K)[None, :, :],
+                     other=0.0)  # (XR, BLOCK_W, D)
         if SIGNED:  # int8 storage: the signed code c → the digit c + 128 (flip each byte's top bit)
             word = word ^ -2139062144  # 0x80808080 as int32
-        for h in tl.static_range(2):
-            if h == 0:
-                half = word << 1
-            else:
-                half = word >> 15
-            for j in tl.static_range(DH):
-                f = ((half & (MASK << (BITS * j + 1))) | 0x4B000000).to(tl.float32, bitcast=True)
-                wv = f * (1.0 / (1 << (BITS * j + 1))) - ((4194304.0 / (1 << (BITS * j))) + zero)  # u − zero
-                offs_k = offs_w * D + (h * DH + j)
-                if USE_DOT:
-                    xt = tl.load(x_ptr + offs_b[None, :].to(tl.int64) * stride_xb + offs_k[:, None],
-                                 mask=b_ok[None, :] & (offs_k[:, None] < K), other=0.0)
-                    if DOT_F32:
-                        acc = tl.dot(wv, xt.to(tl.float32), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(wv.to(xt.dtype), xt, acc)
+        for q in tl.static_range(D):  # digit plane by digit plane: u − zero of code D·w + q meets x's plane q
+            wq = _digit(word, q, BITS, magic, zero)  # (BLOCK_N, BLOCK_W)
+            xq = _plane(x3, q, D)  # (XR, BLOCK_W)
+            if USE_DOT:
+                if DOT_F32:
+                    acc = tl.dot(wq, tl.trans(xq.to(tl.float32)), acc, input_precision="ieee")
                 else:
-                    xv = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0)
-                    acc2 += wv * xv.to(tl.float32)[None, :]
+                    acc = tl.dot(wq.to(xq.dtype), tl.trans(xq), acc)
+            else:
+                acc2 += wq * xq.to(tl.float32)
     if USE_DOT:
-        y = acc  # (BLOCK_N, BLOCK_B)
+        y = acc  # (BLOCK_N, XR)
     else:
         y = tl.sum(acc2, axis=1)[:, None]  # (BLOCK_N, 1): batch row pid_b
-        offs_b = pid_b * BLOCK_B + tl.arange(0, 1)
-        b_ok = offs_b < B
     y = y * tl.load(scale_ptr + offs_n * stride_sn, mask=n_ok, other=0.0)[:, None]
     ok = n_ok[:, None] & b_ok[None, :]
     if SPLIT_K == 1:
@@ -389,7 +415,7 @@ def _gemv_words_kernel(
             tl.store(wsp, y, mask=ok)
 
 
-_JIT_FUNCTIONS = ("_to_float", "_lowbit_gemv_kernel", "_gemv_words_kernel")
+_JIT_FUNCTIONS = ("_to_float", "_lowbit_gemv_kernel", "_digit", "_plane", "_gemv_words_kernel")
 
 
 @dataclass(frozen=True)
@@ -428,7 +454,7 @@ def _kernels(interpret: bool) -> _Kernels:
     if interpret != interpreting():
         raise RuntimeError("TRITON_INTERPRET changed while the kernels were being built")
     ns = jit_namespace(globals(), _JIT_FUNCTIONS, dict(triton=triton, tl=tl),
-                       nospec={"_lowbit_gemv_kernel": ("zero",), "_gemv_words_kernel": ("zero",)})
+                       nospec={"_lowbit_gemv_kernel": ("zero",), "_gemv_words_kernel": ("zero", "magic")})
     return _Kernels(ns["_lowbit_gemv_kernel"], ns["_gemv_words_kernel"], triton)
 
 
@@ -501,7 +527,7 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     block_b = BLOCK_B if use_dot else 1
     nb = -(-b // block_b)
     if words is not None:
-        args = (x, words, s, bias_arg, out, ws, b, n, k, words.shape[1], zero,
+        args = (x, words, s, bias_arg, out, ws, b, n, k, words.shape[1], zero, 0x4B000000,
                 x.stride(0), words.stride(0), s.stride(0), out.stride(0), 0 if atomic else b * n)
         flags = dict(BITS=_BITS[storage], SIGNED=storage == "int8", HAS_BIAS=bias is not None, USE_DOT=use_dot,
                      DOT_F32=dot_f32, ATOMIC=atomic, BLOCK_B=block_b)
