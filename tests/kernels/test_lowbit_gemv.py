@@ -264,7 +264,7 @@ def test_install_and_prefill_fallback(tmp_path) -> None:
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("layout", ["ternary", "ternary-base3", "w4-int", "w4-centered", "w8", "w2-centered"])
+@pytest.mark.parametrize("layout", ["ternary", "ternary-base3", "w4-int", "w4-centered", "w8", "w2-centered", "w1"])
 @pytest.mark.parametrize(("n", "k"), [(4096, 11008), (11008, 4096)])
 @pytest.mark.parametrize("b", [1, 8])
 def test_kernel_cuda_real_shapes(layout, n, k, b) -> None:
