@@ -432,7 +432,8 @@ class _Kernels:
                    for bn, bk, sk, w, st in GPU_CONFIGS]
         key = ["B", "N", "K", "GROUP", "BITS", "BASE3", "GROUPED", "HAS_BIAS", "USE_DOT", "ATOMIC"]
         # timed as CUDA graphs: a µs-scale kernel timed launch by launch measures the launch, not the kernel
-        return self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], use_cuda_graph=True)(self.kernel)
+        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], use_cuda_graph=True)
+        return tune(self.kernel)
 
     @functools.cache  # noqa: B019
     def tuned_words(self, use_dot: bool) -> object:
@@ -441,7 +442,8 @@ class _Kernels:
         configs = [self.triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": sk}, num_warps=w, num_stages=st)
                    for bn, bw, sk, w, st in table]
         key = ["B", "N", "K", "BITS", "HAS_BIAS", "USE_DOT", "ATOMIC"]
-        return self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], use_cuda_graph=True)(self.words)
+        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], use_cuda_graph=True)
+        return tune(self.words)
 
 
 @functools.cache
