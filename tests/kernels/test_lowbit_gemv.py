@@ -292,7 +292,7 @@ def test_kernel_cuda_autotuned(monkeypatch) -> None:
     monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
     _, packed, scale, zero = _weights("ternary", 3072, 2048, seed=3)
     packed, scale = packed.cuda(), scale.cuda()
-    tuned = lg._kernels(False).tuned(4)  # 2-bit storage: 4 codes per byte
+    tuned = lg._kernels(False).tuned_words(False)  # 2-bit rows of whole words, batch 1: the word kernel's FMA path
     before = len(tuned.cache)
     x = _x(1, 2048, torch.bfloat16, device="cuda")
     got = lowbit_gemv(x, packed, scale, storage="2bit", zero=zero, backend="triton")
