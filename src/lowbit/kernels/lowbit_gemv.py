@@ -14,7 +14,15 @@ tensor), (N, 1) (per row) or (N, K/g) (per group of g along K). Output: (…, N)
 **The reference** (:func:`lowbit_gemv_ref`, same signature) unpacks with :mod:`lowbit.quant.packing`,
 dequantizes (u − zero)·Δ and multiplies in float32 (float64 for float64 x: the exactness tests).
 
-**The Triton kernel.** One program owns BLOCK_N output rows × one K slice (split-K: SPLIT_K slices, so that
+**The word kernel** (``_gemv_words_kernel``; every bit storage with per-tensor or per-row steps whose rows are a
+whole number of 4-byte words — what lowbit's packed models hold): the rows are read as little-endian int32 words,
+whose digits are consecutive codes, and each digit becomes a float where it lies in the word (one LOP3 and one FMA
+per code, exact; the kernel's comment has the bit arithmetic). Batch 1 accumulates with FMAs against x's chunk,
+loaded once and split into digit planes in registers; batch 2–16 runs one tensor-core dot per digit plane. The
+next chunk's words are prefetched into registers. Configurations: :data:`WORDS_FMA_CONFIGS` /
+:data:`WORDS_DOT_CONFIGS` (from ``benchmarks/sweep_gemv.py`` on an H100), autotuned as CUDA graphs.
+
+**The byte kernel** (``_lowbit_gemv_kernel``: base-3 codes, per-group steps, ragged rows). One program owns BLOCK_N output rows × one K slice (split-K: SPLIT_K slices, so that
 a batch-1 GEMV with few row tiles still fills 132 SMs), for a tile of up to 16 rows of x. It streams the
 packed bytes of its rows, BLOCK_K codes at a time, and unpacks them in registers *digit plane by digit
 plane*: for digit p of every byte, ``u = (byte >> bits·p) & mask`` (base 3: repeated ``// 3``, ``% 3``)
