@@ -22,8 +22,8 @@ loaded once and split into digit planes in registers; batch 2–16 runs one tens
 next chunk's words are prefetched into registers. Configurations: :data:`WORDS_FMA_CONFIGS` /
 :data:`WORDS_DOT_CONFIGS` (from ``benchmarks/sweep_gemv.py`` on an H100), autotuned as CUDA graphs.
 
-**The byte kernel** (``_lowbit_gemv_kernel``: base-3 codes, per-group steps, ragged rows). One program owns BLOCK_N output rows × one K slice (split-K: SPLIT_K slices, so that
-a batch-1 GEMV with few row tiles still fills 132 SMs), for a tile of up to 16 rows of x. It streams the
+**The byte kernel** (``_lowbit_gemv_kernel``: base-3 codes, per-group steps, ragged rows). One program owns
+BLOCK_N output rows × one K slice (split-K: SPLIT_K slices, so that a batch-1 GEMV with few row tiles still fills 132 SMs), for a tile of up to 16 rows of x. It streams the
 packed bytes of its rows, BLOCK_K codes at a time, and unpacks them in registers *digit plane by digit
 plane*: for digit p of every byte, ``u = (byte >> bits·p) & mask`` (base 3: repeated ``// 3``, ``% 3``)
 belongs to code k = PER·byte + p, so it meets the strided activations x[:, PER·j + p] — no reshuffling of
@@ -428,6 +428,14 @@ def _gemv_words_kernel(
 _JIT_FUNCTIONS = ("_to_float", "_lowbit_gemv_kernel", "_digit", "_plane", "_gemv_words_kernel")
 
 
+def _graph_bench(kernel_call, quantiles):
+    """The autotuner's timing: each configuration replayed as a CUDA graph (timed launch by launch, a µs-scale
+    kernel measures its launch; what triton.autotune's deprecated ``use_cuda_graph=True`` did)."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(kernel_call, rep=100, quantiles=quantiles)
+
+
 @dataclass(frozen=True)
 class _Kernels:
     kernel: object  # jitted, explicit config
@@ -441,8 +449,7 @@ class _Kernels:
                                       num_warps=w, num_stages=st)
                    for bn, bk, sk, w, st in GPU_CONFIGS]
         key = ["B", "N", "K", "GROUP", "BITS", "BASE3", "GROUPED", "HAS_BIAS", "USE_DOT", "ATOMIC"]
-        # timed as CUDA graphs: a µs-scale kernel timed launch by launch measures the launch, not the kernel
-        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], use_cuda_graph=True)
+        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], do_bench=_graph_bench)
         return tune(self.kernel)
 
     @functools.cache  # noqa: B019
@@ -452,7 +459,7 @@ class _Kernels:
         configs = [self.triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": sk}, num_warps=w, num_stages=st)
                    for bn, bw, sk, w, st in table]
         key = ["B", "N", "K", "BITS", "HAS_BIAS", "USE_DOT", "ATOMIC"]
-        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], use_cuda_graph=True)
+        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], do_bench=_graph_bench)
         return tune(self.words)
 
 
