@@ -22,14 +22,14 @@ loaded once and split into digit planes in registers; batch 2–16 runs one tens
 next chunk's words are prefetched into registers. Configurations: :data:`WORDS_FMA_CONFIGS` /
 :data:`WORDS_DOT_CONFIGS` (from ``benchmarks/sweep_gemv.py`` on an H100), autotuned as CUDA graphs.
 
-**The byte kernel** (``_lowbit_gemv_kernel``: base-3 codes, per-group steps, ragged rows). One program owns
-BLOCK_N output rows × one K slice (split-K: SPLIT_K slices, so that a batch-1 GEMV with few row tiles still
-fills 132 SMs), for a tile of up to 16 rows of x. It streams the packed bytes of its rows, BLOCK_K codes at a time, and unpacks them in registers *digit plane by digit
-plane*: for digit p of every byte, ``u = (byte >> bits·p) & mask`` (base 3: repeated ``// 3``, ``% 3``)
-belongs to code k = PER·byte + p, so it meets the strided activations x[:, PER·j + p] — no reshuffling of
-registers, and x (≤ 16 × K × 2 bytes) stays in L1/L2. The digit becomes a float without an int→float
-conversion: the bits of (2u) OR-ed into 2²² read as the float 2²² + u, and subtracting 2²² + zero gives
-u − zero exactly (zero is a multiple of ½, and 2²² has ulp ½). Accumulation is float32:
+**The byte kernel** (``_lowbit_gemv_kernel``: base-3 codes, per-group steps, ragged rows). One program owns BLOCK_N
+output rows × one K slice (split-K: SPLIT_K slices, so that a batch-1 GEMV with few row tiles still fills 132 SMs),
+for a tile of up to 16 rows of x. It streams the packed bytes of its rows, BLOCK_K codes at a time, and unpacks
+them in registers *digit plane by digit plane*: for digit p of every byte, ``u = (byte >> bits·p) & mask`` (base 3:
+repeated ``// 3``, ``% 3``) belongs to code k = PER·byte + p, so it meets the strided activations x[:, PER·j + p] —
+no reshuffling of registers, and x (≤ 16 × K × 2 bytes) stays in L1/L2. The digit becomes a float without an
+int→float conversion: the bits of (2u) OR-ed into 2²² read as the float 2²² + u, and subtracting 2²² + zero gives u
+− zero exactly (zero is a multiple of ½, and 2²² has ulp ½). Accumulation is float32:
 
 * batch 1 (``USE_DOT=False``): fp32 FMAs into a (BLOCK_N, BLOCK_KB) accumulator, reduced once at the end;
 * batch 2–16 (``USE_DOT=True``): ``tl.dot`` of the x tile (16 rows, zero-padded) with the dequantized digit
