@@ -237,6 +237,31 @@ def _to_float(u, zero):
     return f - (4194304.0 + zero)
 
 
+def _k_slice(L, pid_k, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # [lo, hi) of a row of L units that K slice pid_k of SPLIT_K reads: whole chunks of BLOCK
+    per = ((L + SPLIT_K - 1) // SPLIT_K + BLOCK - 1) // BLOCK * BLOCK
+    lo = pid_k * per
+    return lo, min(lo + per, L)
+
+
+def _epilogue(y, offs_b, offs_n, b_ok, n_ok, bias_ptr, out_ptr, ws_ptr, pid_k, N, stride_ob, stride_ws,
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+    # y (rows of x, BLOCK_N) float32, steps applied: + bias and the output (SPLIT_K = 1), or this K slice's
+    # partial sums into the workspace (added atomically, or one slice each for the fixed-order sum)
+    ok = b_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        o = out_ptr + offs_b[:, None].to(tl.int64) * stride_ob + offs_n[None, :]
+        tl.store(o, y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        wsp = ws_ptr + pid_k * stride_ws + offs_b[:, None].to(tl.int64) * N + offs_n[None, :]
+        if ATOMIC:
+            tl.atomic_add(wsp, y, mask=ok)
+        else:
+            tl.store(wsp, y, mask=ok)
+
+
 def _lowbit_gemv_kernel(
     x_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr,
     B, N, K, KB, GROUP, zero,
@@ -258,9 +283,7 @@ def _lowbit_gemv_kernel(
     n_ok = offs_n < N
     b_ok = offs_b < B
     # this program's slice of the packed row: whole chunks, [kb_lo, kb_hi)
-    kb_per = ((KB + SPLIT_K - 1) // SPLIT_K + BLOCK_KB - 1) // BLOCK_KB * BLOCK_KB
-    kb_lo = pid_k * kb_per
-    kb_hi = min(kb_lo + kb_per, KB)
+    kb_lo, kb_hi = _k_slice(KB, pid_k, SPLIT_K, BLOCK_KB)
     c_rows = codes_ptr + offs_n[:, None].to(tl.int64) * stride_cn
     x_rows = x_ptr + offs_b[:, None].to(tl.int64) * stride_xb
     if USE_DOT:
@@ -302,18 +325,8 @@ def _lowbit_gemv_kernel(
         b_ok = offs_b < B
     if not GROUPED:
         y = y * tl.load(scale_ptr + offs_n * stride_sn, mask=n_ok, other=0.0)[None, :]
-    ok = b_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        o = out_ptr + offs_b[:, None].to(tl.int64) * stride_ob + offs_n[None, :]
-        tl.store(o, y.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        wsp = ws_ptr + pid_k * stride_ws + offs_b[:, None].to(tl.int64) * N + offs_n[None, :]
-        if ATOMIC:
-            tl.atomic_add(wsp, y, mask=ok)
-        else:
-            tl.store(wsp, y, mask=ok)
+    _epilogue(y, offs_b, offs_n, b_ok, n_ok, bias_ptr, out_ptr, ws_ptr, pid_k, N, stride_ob, stride_ws,
+              HAS_BIAS, SPLIT_K, ATOMIC)
 
 
 def _digit(word, Q: tl.constexpr, BITS: tl.constexpr, magic, zero):
@@ -369,9 +382,7 @@ def _gemv_words_kernel(
     offs_b = pid_b * XR + tl.arange(0, XR)
     n_ok = offs_n < N
     b_ok = offs_b < B
-    kw_per = ((KW + SPLIT_K - 1) // SPLIT_K + BLOCK_W - 1) // BLOCK_W * BLOCK_W
-    kw_lo = pid_k * kw_per
-    kw_hi = min(kw_lo + kw_per, KW)
+    kw_lo, kw_hi = _k_slice(KW, pid_k, SPLIT_K, BLOCK_W)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_b.to(tl.int64) * stride_xb
     offs_d = tl.arange(0, D)
@@ -411,21 +422,11 @@ def _gemv_words_kernel(
     else:
         y = tl.sum(acc2, axis=1)[:, None]  # (BLOCK_N, 1): batch row pid_b
     y = y * tl.load(scale_ptr + offs_n * stride_sn, mask=n_ok, other=0.0)[:, None]
-    ok = n_ok[:, None] & b_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        o = out_ptr + offs_b[None, :].to(tl.int64) * stride_ob + offs_n[:, None]
-        tl.store(o, y.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        wsp = ws_ptr + pid_k * stride_ws + offs_b[None, :].to(tl.int64) * N + offs_n[:, None]
-        if ATOMIC:
-            tl.atomic_add(wsp, y, mask=ok)
-        else:
-            tl.store(wsp, y, mask=ok)
+    _epilogue(tl.trans(y), offs_b, offs_n, b_ok, n_ok, bias_ptr, out_ptr, ws_ptr, pid_k, N, stride_ob, stride_ws,
+              HAS_BIAS, SPLIT_K, ATOMIC)
 
 
-_JIT_FUNCTIONS = ("_to_float", "_lowbit_gemv_kernel", "_digit", "_plane", "_gemv_words_kernel")
+_JIT_FUNCTIONS = ("_to_float", "_k_slice", "_epilogue", "_lowbit_gemv_kernel", "_digit", "_plane", "_gemv_words_kernel")
 
 
 def _graph_bench(kernel_call, quantiles):
