@@ -87,6 +87,26 @@ def _time_graph(fn, calls: int, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def gemv_weights(fmt: str, n: int, k: int, args, gen) -> tuple[list, float | None, int]:
+    """Copies of one (N, K) GEMV weight for a timed loop to rotate over, one more than a working set of
+    ``--working-set-mb`` needs (the L2 is 50 MB: every call streams its weights from HBM): bf16 matrices for
+    ``fmt`` "bf16", else (packed codes, per-row float32 steps) pairs of ``FORMATS[fmt]``. Returns (copies, zero of
+    the grid — None for bf16 —, bytes of one copy)."""
+    if fmt == "bf16":
+        w_bytes = 2 * n * k
+        copies = max(2, -(-int(args.working_set_mb * 2**20) // w_bytes) + 1)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(copies)]
+        return ws, None, w_bytes
+    storage, qmin, levels, offset = FORMATS[fmt]
+    codes = torch.randint(qmin, qmin + levels, (n, k), device="cuda", generator=gen, dtype=torch.int8)
+    packed = pack_base3(codes, qmin) if storage == "base3" else pack(codes, qmin, levels)
+    del codes
+    w_bytes = packed.numel() + 4 * n
+    copies = max(2, -(-int(args.working_set_mb * 2**20) // w_bytes) + 1)
+    ws = [(packed.clone(), torch.rand(n, 1, device="cuda", generator=gen) * 0.02) for _ in range(copies)]
+    return ws, lg.grid_zero(storage, qmin, offset), w_bytes
+
+
 def bench_gemv(args, rows: list) -> None:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -95,23 +115,14 @@ def bench_gemv(args, rows: list) -> None:
             x = torch.randn(b, k, device=dev, dtype=torch.bfloat16)
             base = None
             for name in ["bf16", *FORMATS]:
+                ws, zero, w_bytes = gemv_weights(name, n, k, args, gen)
                 if name == "bf16":
-                    w_bytes = 2 * n * k
-                    copies = max(2, -(-int(args.working_set_mb * 2**20) // w_bytes) + 1)
-                    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(copies)]
                     out = torch.empty(b, n, device=dev, dtype=torch.bfloat16)
 
                     def fn(i, ws=ws, out=out, x=x):
                         torch.matmul(x, ws[i % len(ws)].t(), out=out)
                 else:
-                    storage, qmin, levels, offset = FORMATS[name]
-                    codes = torch.randint(qmin, qmin + levels, (n, k), device=dev, generator=gen, dtype=torch.int8)
-                    packed = pack_base3(codes, qmin) if storage == "base3" else pack(codes, qmin, levels)
-                    del codes
-                    w_bytes = packed.numel() + 4 * n
-                    copies = max(2, -(-int(args.working_set_mb * 2**20) // w_bytes) + 1)
-                    ws = [(packed.clone(), torch.rand(n, 1, device=dev, generator=gen) * 0.02) for _ in range(copies)]
-                    zero = lg.grid_zero(storage, qmin, offset)
+                    storage = FORMATS[name][0]
 
                     def fn(i, ws=ws, storage=storage, zero=zero, x=x):
                         c, s = ws[i % len(ws)]

@@ -15,19 +15,14 @@
 # NVLink multicast stays off (the machine's NCCL_NVLS_ENABLE=0 etc. are kept and set again here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+source benchmarks/gpu_steps.sh  # session_env; step NAME SECONDS COMMAND...
+session_env
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PY=${PYTHON:-python3}
 TOTAL=${TOTAL:-580}
 SIZE=${SIZE:-430m}
 RECIPES=${RECIPES:-bf16,quest-w4a4,dqt-int8}
 PSTEPS=${PSTEPS:-300}
-SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-
-source benchmarks/gpu_steps.sh  # step NAME SECONDS COMMAND...
 
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"

@@ -22,15 +22,9 @@
 # T_TESTS / T_PREFILL override the timeouts, TOTAL (240) the whole budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+source benchmarks/gpu_steps.sh  # session_env; step NAME SECONDS COMMAND...
+session_env
 TOTAL=${TOTAL:-240}
-SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-
-source benchmarks/gpu_steps.sh  # step NAME SECONDS COMMAND...
 
 machine_info
 

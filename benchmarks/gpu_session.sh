@@ -33,15 +33,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${PART:-all}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+source benchmarks/gpu_steps.sh  # session_env; step NAME SECONDS COMMAND...
+session_env
 TOTAL=${TOTAL:-580}
-SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-
-source benchmarks/gpu_steps.sh  # step NAME SECONDS COMMAND...
 
 machine_info
 

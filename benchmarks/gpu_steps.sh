@@ -1,4 +1,15 @@
-# Sourced by the GPU session scripts (gpu_session.sh, gpu_prefill.sh, gpu_distributed.sh): needs $OUT and $SUMMARY set.
+# Sourced by the GPU session scripts (gpu_session.sh, gpu_prefill.sh, gpu_distributed.sh) from the repository root.
+
+# session_env — the scripts' common setup: outputs under $OUT (default /tmp/out), src/ on PYTHONPATH, unbuffered
+# Python, $PY (${PYTHON:-python3}), and an empty $OUT/summary.txt as $SUMMARY (step appends to it)
+session_env() {
+  OUT=${OUT:-/tmp/out}
+  mkdir -p "$OUT"
+  export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+  PY=${PYTHON:-python3}
+  SUMMARY="$OUT/summary.txt"
+  : >"$SUMMARY"
+}
 # step NAME SECONDS COMMAND... — run under timeout, log to $OUT/NAME.log (appended), record rc and time in $SUMMARY
 step() {
   local name=$1 limit=$2 t0=$SECONDS rc

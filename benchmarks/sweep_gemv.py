@@ -25,20 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import FORMATS, _time_graph, hbm_bytes_per_s  # noqa: E402
+from bench_decode import FORMATS, _time_graph, gemv_weights, hbm_bytes_per_s  # noqa: E402
 
 from lowbit.kernels import lowbit_gemv as lg  # noqa: E402
-from lowbit.quant.packing import pack  # noqa: E402
-
-
-def _weights(fmt: str, n: int, k: int, copies_mb: int, gen) -> tuple[list, float, int]:
-    storage, qmin, levels, offset = FORMATS[fmt]
-    codes = torch.randint(qmin, qmin + levels, (n, k), device="cuda", generator=gen, dtype=torch.int8)
-    packed = pack(codes, qmin, levels)
-    nbytes = packed.numel() + 4 * n
-    copies = max(2, -(-copies_mb * 2**20 // nbytes) + 1)
-    ws = [(packed.clone(), torch.rand(n, 1, device="cuda", generator=gen) * 0.02) for _ in range(copies)]
-    return ws, lg.grid_zero(storage, qmin, offset), nbytes
 
 
 def sweep(args) -> list[dict]:
@@ -49,15 +38,14 @@ def sweep(args) -> list[dict]:
         k, n = (int(v) for v in shape.split("x"))
         for b in (int(v) for v in args.batches.split(",")):
             x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
-            copies = max(2, -(-args.working_set_mb * 2**20 // (2 * n * k)) + 1)
-            wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(copies)]
-            bf16 = _time_graph(lambda i, wb=wb, x=x: torch.matmul(x, wb[i % len(wb)].t()), max(copies, 24), args.reps)
+            wb, _, _ = gemv_weights("bf16", n, k, args, gen)
+            bf16 = _time_graph(lambda i, wb=wb, x=x: torch.matmul(x, wb[i % len(wb)].t()), max(len(wb), 24), args.reps)
             del wb
             rows.append(dict(shape=shape, batch=b, fmt="bf16", config="torch.matmul", us=bf16,
                              gbs=2 * n * k / bf16 / 1e3, speedup=1.0))
             for fmt in args.formats.split(","):
                 storage = FORMATS[fmt][0]
-                ws, zero, nbytes = _weights(fmt, n, k, args.working_set_mb, gen)
+                ws, zero, nbytes = gemv_weights(fmt, n, k, args, gen)
                 table = lg.WORDS_DOT_CONFIGS if b > 1 else lg.WORDS_FMA_CONFIGS
                 variants = [(f"words {c}", dict(config=dict(zip(("BLOCK_N", "BLOCK_W", "SPLIT_K", "num_warps",
                                                                   "num_stages"), c, strict=True)), kernel="words"))
