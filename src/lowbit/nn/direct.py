@@ -10,11 +10,15 @@
 There is no ``weight`` parameter and no float copy of it anywhere: the forward dequantizes the codes on the
 fly (value = (code + offset)·Δ, :func:`lowbit.quant.dequantize`), multiplies, and lets the transient go. The
 backward recomputes that transient, so the gradient to the input is exact through the low-bit weight (no
-straight-through estimator for the weight), and computes the weight gradient gᵀx, which it *delivers*:
-either stashed on the module (``weight_grad``, float32, until the optimizer's step — the analogue of
-``.grad``) or handed straight to the optimizer's ``grad_hook`` (``dqt.update_in_backward``), which updates
-the codes there and then, so no full-model gradient buffer ever exists. The weight update itself (AdamW +
-stochastic rounding onto the grid) lives in :mod:`lowbit.optim.dqt`.
+straight-through estimator for the weight), and computes the weight gradient gᵀx, which autograd delivers to
+the layer's *gradient sink*: a float32 leaf tensor of the weight's shape that owns no memory (one element,
+expanded; not a Parameter, not in the state dict). Its ``.grad`` is the layer's ``weight_grad`` (float32,
+until the optimizer's step — the analogue of a Parameter's ``.grad``, accumulated over micro-batches by
+autograd), or, with the optimizer's ``grad_hook`` set (``dqt.update_in_backward``), it is handed to the hook
+as soon as it is accumulated and dropped, so no full-model gradient buffer ever exists. Because the gradient
+travels through autograd rather than a side effect, ``torch.compile`` captures a block of DQT layers as one
+graph (forward and backward) and CUDA graphs can replay it. The weight update itself (AdamW + stochastic
+rounding onto the grid) lives in :mod:`lowbit.optim.dqt`.
 
 Activations use the recipe's activation spec exactly as :class:`lowbit.nn.QuantLinear` does (default BitNet
 per-token absmax 8-bit with STE; any non-learned QuantSpec). QuEST's grid (``dqt-quest-*``): the codes are of
@@ -78,10 +82,57 @@ class DirectModule(nn.Module):
         self.register_buffer("weight_scale", step.contiguous())
         fmt = [PACK_VERSION, storage_bits(info.levels), info.qmin, info.levels, self.weight_shape[-1]]
         self.register_buffer("weight_format", torch.tensor(fmt, dtype=torch.int32, device=dev))
-        self.weight_grad: torch.Tensor | None = None  # stashed gradient (float32, stored domain)
+        self._grad_override: torch.Tensor | None = None  # a gradient of another shape (a shard's rows)
+        self._make_sink()
         self.grad_hook: GradHook | None = None  # set by DirectOptimizer for update-in-backward
         self.last_flips: torch.Tensor | None = None  # codes changed by the last update (int64 scalar)
         self.register_load_state_dict_post_hook(_check_format)
+
+    def _make_sink(self) -> None:
+        """The gradient sink on the codes' device: float32, the weight's shape, one element of storage."""
+        sink = torch.zeros((), dtype=torch.float32, device=self.weight_codes.device).expand(self.weight_shape)
+        sink.requires_grad_(True)
+        sink.register_post_accumulate_grad_hook(self._sink_accumulated)
+        self._grad_sink = sink
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 — nn.Module's signature
+        # .to(device), .cuda(), to_empty(...): the sink follows the codes (the sink is no buffer, on purpose:
+        # moving an expanded tensor would materialise it)
+        super()._apply(fn, recurse)
+        self._make_sink()
+        return self
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy: a fresh sink, whose hook is this copy's (a copied tensor does not keep its hooks)
+        super().__setstate__(state)
+        if "_grad_sink" in state:
+            self._make_sink()
+
+    def _sink_accumulated(self, sink: torch.Tensor) -> None:
+        """Autograd has accumulated a weight gradient into the sink: update-in-backward hands it over."""
+        if self.grad_hook is not None and sink.grad is not None:
+            g, sink.grad = sink.grad, None
+            self.grad_hook(self, g)
+
+    def _sink(self) -> torch.Tensor | None:
+        """The sink when autograd is recording (the autograd functions' input that receives gᵀx), else None."""
+        return self._grad_sink if torch.is_grad_enabled() else None
+
+    @property
+    def weight_grad(self) -> torch.Tensor | None:
+        """The weight's gradient (float32, the codes' domain) since the last step, or None."""
+        if self._grad_override is not None:
+            return self._grad_override
+        return self._grad_sink.grad
+
+    @weight_grad.setter
+    def weight_grad(self, grad: torch.Tensor | None) -> None:
+        self._grad_override = None
+        if grad is None or tuple(grad.shape) != self.weight_shape:
+            self._grad_sink.grad = None
+            self._grad_override = grad  # e.g. the rows of this rank's shard (lowbit.distributed.parallel)
+        else:
+            self._grad_sink.grad = grad.float()  # autograd accumulates further micro-batches into it
 
     # ---- storage ------------------------------------------------------------------------------------------
     @property
@@ -128,16 +179,6 @@ class DirectModule(nn.Module):
         codes, step = quantize(weight.to(self.weight_codes.device), self.weight_spec)
         self.set_codes(codes, step)
 
-    # ---- gradient delivery --------------------------------------------------------------------------------
-    def deliver_grad(self, grad: torch.Tensor) -> None:
-        """Called from backward with the weight gradient (float32, the codes' domain)."""
-        if self.grad_hook is not None:
-            self.grad_hook(self, grad)
-        elif self.weight_grad is None:
-            self.weight_grad = grad
-        else:
-            self.weight_grad.add_(grad)  # gradient accumulation over micro-batches
-
     # ---- diagnostics --------------------------------------------------------------------------------------
     @torch.no_grad()
     def weight_diagnostics(self) -> dict[str, float]:
@@ -175,10 +216,10 @@ def _check_format(module: nn.Module, incompatible_keys: object) -> None:
 
 class _DirectLinearFn(torch.autograd.Function):
     """y = x·Wᵀ with W dequantized from the codes (forward and again in backward: nothing weight-sized is
-    saved). ``anchor`` is an empty tensor that requires grad, so backward runs even when x does not."""
+    saved). ``sink`` is the layer's gradient sink (:meth:`DirectModule._sink`): its gradient is gᵀx."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantLinear, rotate_back: bool):
+    def forward(ctx, x: torch.Tensor, sink: torch.Tensor | None, mod: DirectQuantLinear, rotate_back: bool):
         cdt = _compute_dtype(x)
         w = mod._matmul_weight(cdt, rotate_back)  # (N, K)
         xc = x.to(cdt)
@@ -200,15 +241,14 @@ class _DirectLinearFn(torch.autograd.Function):
         gw = (g.reshape(-1, n).t() @ xc.reshape(-1, k)).float()  # (N, K) = gᵀx
         if ctx.rotate_back:  # W = W_s·H ⇒ dL/dW_s = dL/dW·H (H symmetric)
             gw = hadamard(gw, mod.weight_spec.hadamard_block)
-        mod.deliver_grad(gw)
-        return gx, None, None, None
+        return gx, gw, None, None
 
 
 class _DirectScaleFn(torch.autograd.Function):
     """y = n ⊙ g with the gain g dequantized from the codes (RMSNorm's weight)."""
 
     @staticmethod
-    def forward(ctx, n: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantRMSNorm):
+    def forward(ctx, n: torch.Tensor, sink: torch.Tensor | None, mod: DirectQuantRMSNorm):
         g = mod.weight_values(n.dtype)
         ctx.save_for_backward(n)
         ctx.mod = mod
@@ -220,15 +260,14 @@ class _DirectScaleFn(torch.autograd.Function):
         mod: DirectQuantRMSNorm = ctx.mod
         gn = gy * mod.weight_values(gy.dtype) if ctx.needs_input_grad[0] else None
         gg = (gy.float() * n.float()).reshape(-1, n.shape[-1]).sum(0)
-        mod.deliver_grad(gg)
-        return gn, None, None
+        return gn, gg, None
 
 
 class _DirectEmbeddingFn(torch.autograd.Function):
     """Row lookup from the codes (only the rows used are unpacked); gradient index-added into a table."""
 
     @staticmethod
-    def forward(ctx, idx: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantEmbedding):
+    def forward(ctx, idx: torch.Tensor, sink: torch.Tensor | None, mod: DirectQuantEmbedding):
         ctx.save_for_backward(idx)
         ctx.mod = mod
         return mod._lookup(idx)
@@ -242,8 +281,7 @@ class _DirectEmbeddingFn(torch.autograd.Function):
         table.index_add_(0, idx.reshape(-1), gy.reshape(-1, d).float())
         if mod.weight_spec.hadamard:
             table = hadamard(table, mod.weight_spec.hadamard_block)
-        mod.deliver_grad(table)
-        return None, None, None
+        return None, table, None
 
 
 class _DirectInt8LinearFn(torch.autograd.Function):
@@ -251,7 +289,7 @@ class _DirectInt8LinearFn(torch.autograd.Function):
     exact integer sum); backward as :class:`_DirectLinearFn` with x̂ = C_x·s_x rebuilt from the saved codes."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor | None, mod: DirectQuantLinear, cx: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, sink: torch.Tensor | None, mod: DirectQuantLinear, cx: torch.Tensor,
                 sx: torch.Tensor):
         from lowbit.kernels.scaled_mm import scaled_mm
 
@@ -288,14 +326,7 @@ class _DirectInt8LinearFn(torch.autograd.Function):
             gx = gxm.to(ctx.x_dtype).reshape(*ctx.lead, mod.in_features)  # STE through the act quantizer
             del gxm
         xc = cx.float().mul_(sx[:, None]).to(ctx.cdt)  # x̂ as the torch path saves it
-        mod.deliver_grad((g.t() @ xc).float())
-        return gx, None, None, None, None
-
-
-def _anchor(ref: torch.Tensor) -> torch.Tensor | None:
-    if not torch.is_grad_enabled():
-        return None
-    return torch.empty(0, device=ref.device, requires_grad=True)
+        return gx, (g.t() @ xc).float(), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,7 +425,7 @@ class DirectQuantLinear(DirectModule):
         cx, sx = quantize_int8(x, self.act_spec)  # type: ignore[arg-type]
         if self.track_stats:
             self.last_stats = bitnet_linear_stats(x, cx, sx)
-        y = _DirectInt8LinearFn.apply(x, _anchor(x), self, cx, sx)
+        y = _DirectInt8LinearFn.apply(x, self._sink(), self, cx, sx)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -407,7 +438,7 @@ class DirectQuantLinear(DirectModule):
             if stats is not None:
                 self.last_stats = stats
         rotate_back = self.weight_spec.hadamard and not rot
-        y = _DirectLinearFn.apply(x, _anchor(x), self, rotate_back)
+        y = _DirectLinearFn.apply(x, self._sink(), self, rotate_back)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def diagnostics(self) -> dict[str, float]:
@@ -442,7 +473,7 @@ class DirectQuantEmbedding(DirectModule):
         return hadamard(v, self.weight_spec.hadamard_block) if self.weight_spec.hadamard else v
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return _DirectEmbeddingFn.apply(idx, _anchor(self.weight_codes), self)
+        return _DirectEmbeddingFn.apply(idx, self._sink(), self)
 
     def diagnostics(self) -> dict[str, float]:
         return self.weight_diagnostics()
@@ -464,7 +495,7 @@ class DirectQuantRMSNorm(DirectModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return _DirectScaleFn.apply(n, _anchor(x), self)
+        return _DirectScaleFn.apply(n, self._sink(), self)
 
     def diagnostics(self) -> dict[str, float]:
         return self.weight_diagnostics()

@@ -248,18 +248,21 @@ class DirectOptimizer:
         is remembered for clip=previous."""
         fg = self._float_grads()
         dev = self.modules[0][1].weight_codes.device
-        f_sq = [_sq_norm(g) for g in fg]
         if not self.update_in_backward and self._any_sharded(fg):
             return self._clip_sharded(fg, max_norm, dev)
         if not self.update_in_backward:
             grads = fg + [m.weight_grad for _, m in self.modules if m.weight_grad is not None]
-            sq = f_sq + [_sq_norm(g) for g in grads[len(fg):]]
-            total = torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=dev)
+            if not grads:
+                return torch.zeros((), device=dev)
+            # one multi-tensor launch per pass over all gradients (per-dtype groups), as clip_grad_norm_ does
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            total = torch.linalg.vector_norm(torch.stack(norms))
             if math.isfinite(max_norm) and max_norm > 0:
                 coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-                for g in grads:
-                    g.mul_(coef.to(g.dtype))
+                for dt in {g.dtype for g in grads}:
+                    torch._foreach_mul_([g for g in grads if g.dtype == dt], coef.to(dt))
             return total
+        f_sq = [_sq_norm(g) for g in fg]
         for g, s in zip(fg, f_sq, strict=True):
             coef = self._clip_coef(s, max_norm)
             if coef is not None:

@@ -8,7 +8,6 @@ hadamard=True, estimator="trust")``, BitNet's weights ``QuantSpec(1.58, "ternary
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,7 +68,9 @@ class QuantSpec:
         if b not in BITS:
             raise ValueError(f"QuantSpec.bits={self.bits!r} is not one of {list(BITS)}")
         object.__setattr__(self, "bits", int(b) if b.is_integer() else b)
-        grid_info(self.grid, self.bits)  # raises with the fix when the grid does not exist at these bits
+        # raises with the fix when the grid does not exist at these bits; kept as a plain attribute (not a
+        # field), which torch.compile reads without tracing a cached_property's lock
+        object.__setattr__(self, "_info", grid_info(self.grid, self.bits))
         _check("scale", self.scale, SCALES)
         _check("granularity", self.granularity, GRANULARITIES)
         _check("rounding", self.rounding, ROUNDINGS)
@@ -96,10 +97,10 @@ class QuantSpec:
             raise ValueError(f"scale={self.scale!r} learns one value per tensor: use granularity='tensor'")
 
     # ---- derived ------------------------------------------------------------------------------------------
-    @functools.cached_property
+    @property
     def info(self) -> GridInfo:
-        """qmin, qmax, offset, levels, top of this spec's grid (cached on the instance; not a field)."""
-        return grid_info(self.grid, self.bits)
+        """qmin, qmax, offset, levels, top of this spec's grid (computed once, at construction; not a field)."""
+        return self._info  # type: ignore[attr-defined]
 
     @property
     def learned(self) -> bool:
