@@ -14,7 +14,9 @@
    stay bf16 (lm_head alone is 131 MB, which bounds the end-to-end gain). ``bitnet-b1.58`` rows run the
    8-bit activation quantizer in torch before the GEMV (the stopgap of packed_linear_kernel). ``--compile``
    adds rows whose step is ``torch.compile``d before capture (inductor fuses the per-layer small ops; the GEMV
-   stays the custom op); ``--e2e-variants bf16,bitnet-b1.58`` limits the models.
+   stays the custom op); ``--e2e-variants bf16,bitnet-b1.58`` limits the models. ``--fuse on`` (default; what
+   ``lowbit generate`` runs) concatenates q/k/v and gate/up into one layer each, in the bf16 model as in the
+   packed ones; ``--fuse both`` adds the unfused rows beside them.
 
 3. Prefill (``--only prefill``; lowbit.kernels.packed_prefill): per layer, 4096 tokens × the ``800m`` shapes
    (K → N = 2048 → 2048, 2048 → 5632, 5632 → 2048): bf16 ``torch.matmul`` vs W4A4 (quest-w4a4: fused Hadamard +
@@ -142,12 +144,14 @@ def bench_gemv(args, rows: list) -> None:
                 torch.cuda.empty_cache()
 
 
-def _packed_800m(recipe: str | None, weight_only: bool, vocab: int, max_seq_len: int = 512):
+def _packed_800m(recipe: str | None, weight_only: bool, vocab: int, max_seq_len: int = 512, fuse: bool = False):
     """The 800m Llama on the GPU, bf16, random weights; with ``recipe`` its seven projections per block become
-    PackedLinear layers of random codes on the recipe's weight grid (act spec dropped when ``weight_only``)."""
+    PackedLinear layers of random codes on the recipe's weight grid (act spec dropped when ``weight_only``).
+    ``fuse``: q/k/v and gate/up concatenated into one layer each (:func:`lowbit.models.llama.fuse_projections`,
+    what ``lowbit generate`` runs), bf16 and packed alike."""
     from lowbit.config import ModelConfig
     from lowbit.export.packed import PackedLinear
-    from lowbit.models.llama import SIZES, Llama
+    from lowbit.models.llama import SIZES, Llama, fuse_projections
     from lowbit.nn.convert import DEFAULT_TARGETS
     from lowbit.quant.core import scale_shape
     from lowbit.quant.recipes import get_recipe
@@ -156,6 +160,8 @@ def _packed_800m(recipe: str | None, weight_only: bool, vocab: int, max_seq_len:
     with torch.device("cuda"):
         model = Llama(cfg).to(torch.bfloat16)
     if recipe is None:
+        if fuse:
+            fuse_projections(model)
         return model.eval()
     rec = get_recipe(recipe)
     wspec, aspec = rec.weight, (None if weight_only else rec.act)
@@ -170,6 +176,8 @@ def _packed_800m(recipe: str | None, weight_only: bool, vocab: int, max_seq_len:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     lg.install(model)
+    if fuse:
+        fuse_projections(model)
     return model.eval()
 
 
@@ -187,11 +195,12 @@ def bench_e2e(args, rows: list) -> None:
         variants = [v for v in variants if name_of(v[1], v[2]) in keep]
     modes = [False] + ([True] if args.compile else [])  # torch.compile the step (then captured) or not
     base = {}
-    for label, recipe, weight_only in variants:
+    for (label, recipe, weight_only), fuse in ((v, f) for v in variants for f in FUSE_MODES[args.fuse]):
+        label = label + (", fused q/k/v + gate/up" if fuse and args.fuse == "both" else "")
         if time.monotonic() > args.deadline:
             print(f"e2e {label}: skipped (time budget)", flush=True)
             continue
-        model = _packed_800m(recipe, weight_only, args.vocab)
+        model = _packed_800m(recipe, weight_only, args.vocab, fuse=fuse)
         if recipe == "quest-w4":  # no online Hadamard: the GEMV alone (quest-w4 proper rotates x in torch)
             for m in model.modules():
                 if hasattr(m, "weight_spec") and m.weight_spec.hadamard:
@@ -216,12 +225,13 @@ def bench_e2e(args, rows: list) -> None:
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             tps = b * args.steps / dt
-            key = (b, compiled)
+            key = (b, compiled, fuse)
             if recipe is None:
                 base[key] = tps
             name = label + (", compiled" if compiled else "")
             rows.append(dict(model=name, batch=b, ms=1e3 * dt / args.steps, tps=tps,
-                             speedup=tps / base[key] if key in base else float("nan"), setup_s=t_c))
+                             speedup=tps / base[key] if key in base else float("nan"), setup_s=t_c,
+                             profile=profile_step(step) if args.profile and compiled else None))
             print(f"e2e {name} b={b}: {1e3 * dt / args.steps:.2f} ms/step {tps:.0f} tok/s (setup {t_c:.1f} s)",
                   flush=True)
             del step, cache
@@ -229,8 +239,32 @@ def bench_e2e(args, rows: list) -> None:
         torch.cuda.empty_cache()
 
 
+def profile_step(step, calls: int = 5, top: int = 14) -> list[tuple[str, float, float]]:
+    """Where a decode step's device time goes: ``calls`` runs of the step's function outside its CUDA graph (the
+    same kernels; replays hide them from the profiler), kernels grouped by name → (name, µs per step, launches per
+    step), the ``top`` largest plus an "(all kernels)" total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step._fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step._fn()
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = per.setdefault(e.name, [0.0, 0.0])
+            t[0] += e.time_range.elapsed_us() / calls
+            t[1] += 1 / calls
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][0])
+    total = (sum(v[0] for v in per.values()), sum(v[1] for v in per.values()))
+    return [("(all kernels)", *total)] + [(n[:90], us, k) for n, (us, k) in ranked[:top]]
+
+
 # ---- prefill (lowbit.kernels.packed_prefill) -----------------------------------------------------------------
 
+FUSE_MODES = {"on": (True,), "off": (False,), "both": (False, True)}
 PREFILL_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))  # 800m: attention projections, gate/up, down
 PREFILL_GOALS = {"quest-w4a4": 1.6}
 PREFILL_E2E_GOALS = {("quest-w4a4", 8): 1.4}
@@ -382,7 +416,7 @@ def bench_prefill_e2e(args, rows: list) -> None:
         if time.monotonic() > args.deadline:
             print(f"prefill e2e {label}: skipped (time budget)", flush=True)
             continue
-        model = _packed_800m(recipe, False, args.vocab, max_seq_len=seq + 8)
+        model = _packed_800m(recipe, False, args.vocab, max_seq_len=seq + 8, fuse=FUSE_MODES[args.fuse][-1])
         if recipe is not None:
             pp.install_all(model)
         for b in (1, 8):
@@ -472,6 +506,10 @@ def write(args, gemv: list, e2e: list, prefill: tuple[list, list] = ((), ())) ->
     for r in e2e:
         lines.append(f"| {r['model']} | {r['batch']} | {r['ms']:.2f} | {r['tps']:.0f} | {r['speedup']:.2f}× "
                      f"| {r['setup_s']:.1f} |")
+    for r in (r for r in e2e if r.get("profile")):
+        lines += ["", f"### Kernels of one step: {r['model']}, batch {r['batch']} (compiled step run outside its "
+                  "graph under torch.profiler)", "", "| kernel | µs / step | launches / step |", "|---|---|---|"]
+        lines += [f"| `{n}` | {us:.1f} | {k:.0f} |" for n, us, k in r["profile"]]
     if any(prefill):
         lines += prefill_lines(args, *prefill)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -491,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "before capturing it; speed-ups are against bf16 in the same mode")
     p.add_argument("--e2e-variants", default="", help="comma list of end-to-end models to run: bf16, "
                    "bitnet-b1.58 (ternary A16), a8 (BitNet's A8 stopgap), quest-w4; default all")
+    p.add_argument("--fuse", choices=tuple(FUSE_MODES), default="on",
+                   help="end-to-end models with q/k/v and gate/up fused into one layer each (what `lowbit generate` "
+                        "runs; on), as separate layers (off), or both side by side (both); bf16 and packed alike")
+    p.add_argument("--profile", action="store_true",
+                   help="end-to-end: profile each compiled step's kernels (device µs per step, by kernel name)")
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--time-budget", type=float, default=220, help="seconds; end-to-end rows past it are skipped")

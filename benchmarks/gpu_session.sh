@@ -16,6 +16,8 @@
 #   parity      100 s  loss_parity.py: 200 steps kernels on vs off (tiny model, quest-w4a4, bitnet-b1.58, dqt-int8)
 #   train430   rest    the same at 430m (batch 8), only if ≥ 60 s are left of TOTAL (default 580)
 #   train130ro  220 s  bench_train at 130m with CUDA graphs (reduce-overhead) and per-block compile, kernels on/off
+#                      ($RECIPES_RO, $KERNELS_RO)
+#   train430ro rest    the same at 430m, batch 8, only if ≥ 60 s are left
 #   gemv_tests   90 s  pytest -m needs_cuda: the decode GEMV and prefill kernels
 #   decode     rest    bench_decode.py (GEMV, end-to-end decode, prefill), only if ≥ 90 s are left
 #   int8_tests   60 s  pytest -m needs_cuda tests/kernels/test_int8_rows.py (the BitNet activation quantizer kernel)
@@ -23,7 +25,8 @@
 #   sweep       280 s  sweep_gemv.py: the decode GEMV per configuration of its tables (+ autotuned) vs bf16
 #   gemv        120 s  bench_decode.py --only gemv: the GEMV rows of the issue (autotuned)
 #   e2e_c      rest    bench_decode.py --only e2e --compile: 800m decode, eager vs torch.compile'd step (both
-#                      CUDA-graphed), bf16 and ternary A16 ($E2E_VARIANTS), only if ≥ 90 s are left
+#                      CUDA-graphed), bf16 and ternary A16 ($E2E_VARIANTS; more options in $E2E_OPTS, e.g.
+#                      "--fuse both --profile"), only if ≥ 90 s are left
 #
 # PART=train: tests dqt_fused kernels profile train130 parity train430; PART=inference: gemv_tests decode;
 # PART=diag: profile tests dqt_fused gemv_tests decode; PART=next: tests profile train130ro decode; PART=all (default): all of them. STEPS="a b" picks
@@ -66,9 +69,15 @@ for s in $STEPS; do
       --batch 16 --seq 1024 --vocab 32000 --steps 10 --warmup 3 --kernels on,off \
       --time-budget "${B_TRAIN130:-175}" --out "$OUT/bench_train_130m.md" ;;
   train130ro) step train130ro "${T_TRAIN130RO:-220}" $PY benchmarks/bench_train.py --recipes "${RECIPES_RO:-bf16,quest-w4a4,bitnet-b1.58,dqt-int8}" \
-      --sizes 130m --batch 16 --seq 1024 --vocab 32000 --steps 10 --warmup 3 --kernels on,off \
+      --sizes 130m --batch 16 --seq 1024 --vocab 32000 --steps 10 --warmup 3 --kernels "${KERNELS_RO:-on,off}" \
       --compile-scope block --compile-mode reduce-overhead --time-budget "${B_TRAIN130RO:-180}" \
       --out "$OUT/bench_train_130m_ro_block.md" ;;
+  train430ro) if [ "$left" -ge 60 ]; then
+      step train430ro "$left" $PY benchmarks/bench_train.py --recipes "${RECIPES_RO:-bf16,quest-w4a4,bitnet-b1.58,dqt-int8}" \
+        --sizes 430m --batch 8 --seq 1024 --vocab 32000 --steps 10 --warmup 3 --kernels "${KERNELS_RO:-on,off}" \
+        --compile-scope block --compile-mode reduce-overhead --time-budget $((left - 40)) \
+        --out "$OUT/bench_train_430m_ro_block.md"
+    else printf '%-10s skipped: %ss left of TOTAL=%s\n' train430ro "$left" "$TOTAL" >>"$SUMMARY"; fi ;;
   parity) step parity "${T_PARITY:-100}" $PY benchmarks/loss_parity.py --recipes quest-w4a4,bitnet-b1.58,dqt-int8 \
       --steps 200 --out "$OUT/loss_parity" ;;
   train430) if [ "$left" -ge 60 ]; then
@@ -85,7 +94,7 @@ for s in $STEPS; do
       tests/kernels/test_int8_rows.py ;;
   gen_tests) step gen_tests "${T_GEN:-90}" $PY -m pytest $TESTOPTS -m needs_cuda tests/test_generate.py ;;
   e2e_c) if [ "$left" -ge 90 ]; then
-      step e2e_c "$left" $PY benchmarks/bench_decode.py --only e2e --compile \
+      step e2e_c "$left" $PY benchmarks/bench_decode.py --only e2e --compile ${E2E_OPTS:-} \
         --e2e-variants "${E2E_VARIANTS:-bf16,bitnet-b1.58}" --time-budget $((left - 45)) --out "$OUT/bench_decode_e2e.md"
     else printf '%-10s skipped: %ss left of TOTAL=%s\n' e2e_c "$left" "$TOTAL" >>"$SUMMARY"; fi ;;
   decode) if [ "$left" -ge 90 ]; then  # GEMV + 800m decode tokens/s + prefill (≤ 4 min on an H100)

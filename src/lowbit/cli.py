@@ -310,6 +310,9 @@ def _load_for_inference(args):
         tok_src = args.tokenizer or (src / meta["tokenizer"] if meta.get("tokenizer") else None)
         if tok_src is None:
             raise ConfigError(f"{src} holds no tokenizer; pass --tokenizer FILE_OR_DATASET_DIR")
+    from lowbit.models.llama import fuse_projections
+
+    fuse_projections(model)  # q/k/v and gate/up as one layer each: the same outputs, fewer launches
     tok = _load_any_tokenizer(tok_src)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}")

@@ -91,6 +91,41 @@ def test_packed_logits_match_fake_quant(recipe, runs, tmp_path):
     torch.testing.assert_close(_logits(model), _logits(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recipe", RECIPES + ["bf16"])
+def test_fused_projections_compute_the_same_logits(recipe, runs, tmp_path):
+    # q/k/v and gate/up concatenated into one layer each (packed codes, or plain nn.Linear for the bf16 run's
+    # float model): the same logits, two fused layers per block, the separate projections gone
+    from lowbit.models.llama import fuse_projections
+    from lowbit.runs import load_run
+
+    if recipe == "bf16":
+        model = load_run(runs[recipe])[0]
+    else:
+        model = load_packed(convert_packed(runs[recipe], tmp_path / "p", float_dtype="fp32")["out"])[0]
+    before = _logits(model)
+    assert fuse_projections(model) == 4 and fuse_projections(model) == 0  # 2 blocks × (qkv, gate_up); idempotent
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    assert type(attn.qkv_proj) is (torch.nn.Linear if recipe == "bf16" else PackedLinear)
+    assert attn.qkv_proj.out_features == 3 * 128 and mlp.gate_up_proj.out_features == 2 * 256
+    torch.testing.assert_close(_logits(model), before, rtol=1e-5, atol=1e-5)
+    if recipe == "bitnet-b1.58":  # per-tensor steps of three tensors: one step per row of the fused layer
+        assert attn.qkv_proj.weight_spec.granularity == "row" and attn.qkv_proj.scale.shape == (384, 1)
+
+
+def test_concat_refuses_what_differs():
+    from lowbit.nn.fuse import concat_linears
+
+    a = PackedLinear(64, 8, weight_spec=SPECS[1], act_spec=None)
+    b = PackedLinear(64, 8, weight_spec=SPECS[1], act_spec=QuantSpec(8, "int_asym", "absmax", "row"))
+    c = PackedLinear(32, 8, weight_spec=SPECS[1], act_spec=None)
+    assert concat_linears([a, b]) is None and concat_linears([a, c]) is None
+    assert concat_linears([a, torch.nn.Linear(64, 8)]) is None
+    assert concat_linears([torch.nn.Linear(64, 8), torch.nn.Linear(64, 8, bias=False)]) is None
+    ab = concat_linears([a, a])
+    assert isinstance(ab, PackedLinear) and ab.out_features == 16 and torch.equal(ab.codes, torch.cat([a.codes] * 2))
+
+
 def test_weights_and_codes_are_the_trained_ones(runs, tmp_path):
     from lowbit.nn.direct import DirectQuantLinear
     from lowbit.runs import load_run

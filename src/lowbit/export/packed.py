@@ -172,6 +172,45 @@ class PackedLinear(nn.Module):
         w = self.weight_values()
         return hadamard(w, self.weight_spec.hadamard_block) if self.weight_spec.hadamard else w
 
+    @classmethod
+    def concat(cls, layers: list[PackedLinear]) -> PackedLinear | None:
+        """One layer computing ``layers`` side by side (their output rows concatenated, same input), or None
+        when they differ in input size, code storage, grid, scale rule, activation quantizer (a learned input
+        step must be equal) or in having a bias. Rows are packed independently, so the codes concatenate as
+        they are; per-tensor steps that differ become per-row steps. The ``kernel`` hook is the first layer's.
+        For inference (:func:`lowbit.models.llama.fuse_projections`)."""
+        a = layers[0]
+        same = all(
+            m.in_features == a.in_features and m.storage == a.storage and m.act_spec == a.act_spec
+            and m.weight_spec == a.weight_spec
+            and (m.bias is None) == (a.bias is None) and (m.input_scale is None) == (a.input_scale is None)
+            and (m.input_scale is None or torch.equal(m.input_scale, a.input_scale))
+            and m.codes.device == a.codes.device
+            for m in layers)
+        if not same:
+            return None
+        spec, scales = a.weight_spec, [m.scale for m in layers]
+        if spec.granularity == "tensor":
+            if all(torch.equal(s, scales[0]) for s in scales):
+                scale = scales[0].clone()
+            else:  # one step per output row, each layer's own
+                spec = spec.replace(granularity="row")
+                scale = torch.cat([s.reshape(1, 1).expand(m.out_features, 1) for s, m in zip(scales, layers,
+                                                                                               strict=True)])
+        else:
+            scale = torch.cat(scales)
+        n = sum(m.out_features for m in layers)
+        new = cls(a.in_features, n, weight_spec=spec, act_spec=a.act_spec, storage=a.storage, bias=a.bias is not None,
+                  device="meta")
+        new.codes = torch.cat([m.codes for m in layers])
+        new.scale = scale.contiguous()
+        if a.bias is not None:
+            new.bias = torch.cat([m.bias for m in layers])
+        if a.input_scale is not None:
+            new.input_scale = a.input_scale.clone()
+        new.kernel = a.kernel
+        return new.train(a.training)
+
     # ---- compute ------------------------------------------------------------------------------------------
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """x as the weight codes expect it: quantized with the activation spec (in the Hadamard domain when the

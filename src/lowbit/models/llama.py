@@ -75,12 +75,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v as one layer (inference: fuse_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            hq, hkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split((hq, hkv, hkv), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if kv is not None:  # inference: append to this layer's cache, attend to every key cached so far
@@ -97,9 +103,41 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one layer (inference: fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """For inference: replace each attention's q/k/v projections by one layer (``qkv_proj``) and each MLP's
+    gate/up by one (``gate_up_proj``), the output rows concatenated — one GEMV (and one activation quantizer)
+    instead of three and two per block. Layers that cannot be concatenated (different types or formats, see
+    :func:`lowbit.nn.fuse.concat_linears`) are left as they are. The state dict changes (the fused layers'
+    names): fuse after loading, never before saving. Returns how many fused layers were made."""
+    from lowbit.nn.fuse import concat_linears
+
+    made = 0
+    for mod in model.modules():
+        groups = {Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                  MLP: ("gate_up_proj", ("gate_proj", "up_proj"))}
+        if type(mod) not in groups:
+            continue
+        fused_name, names = groups[type(mod)]
+        if getattr(mod, fused_name) is not None:
+            continue
+        fused = concat_linears([getattr(mod, n) for n in names])
+        if fused is None:
+            continue
+        for n in names:
+            delattr(mod, n)
+        setattr(mod, fused_name, fused)
+        made += 1
+    return made
 
 
 class Block(nn.Module):
