@@ -214,10 +214,30 @@ def test_word_view_where_it_applies() -> None:
 
 def test_workspace_only_where_split_k_needs_it() -> None:
     # SPLIT_K = 1 (explicit, or the autotuner's recorded choice): a placeholder, no zeroing memset per call
-    assert lg._workspace(3, 37, True, torch.device("cpu"), 1).numel() == 1
-    ws = lg._workspace(3, 37, True, torch.device("cpu"), None)  # not known yet: zeroed for atomic adds
+    cpu = torch.device("cpu")
+    assert lg._workspace(3, 37, True, cpu, 1, zero=True).numel() == 1
+    ws = lg._workspace(3, 37, True, cpu, None, zero=True)  # an explicit split-K config: zeroed for atomic adds
     assert ws.shape == (3, 37) and not ws.any()
-    assert lg._workspace(3, 37, False, torch.device("cpu"), 4).shape == (lg.SPLIT_MAX, 3, 37)
+    assert lg._workspace(3, 37, True, cpu, 4, zero=False).shape == (3, 37)  # autotuned: its pre-hook zeroes
+    assert lg._workspace(3, 37, False, cpu, 4, zero=True).shape == (lg.SPLIT_MAX, 3, 37)
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_k_hook_zeroes_and_times_the_whole_call(atomic, bias, monkeypatch) -> None:
+    # the autotuned split-K configurations' pre-hook: zero the atomic workspace; while tuning, also the launcher's
+    # pass after the kernel (partials → output, + bias), so a split-K configuration is timed at its full cost
+    b, n, split = 2, 5, 3
+    ws = torch.randn(2, n) if atomic else torch.randn(lg.SPLIT_MAX, b, n)
+    out, bias_t = torch.full((b, n), 7.0), torch.randn(n)
+    nargs = dict(ws_ptr=ws, out_ptr=out, ATOMIC=atomic, SPLIT_K=split, HAS_BIAS=bias, bias_ptr=bias_t)
+    want_ws = torch.zeros_like(ws) if atomic else ws.clone()
+    want_out = (want_ws if atomic else ws[:split].sum(0)) + (bias_t if bias else 0)
+    lg._split_k_hook(nargs)  # not tuning: only the zeroing
+    assert torch.equal(ws, want_ws) and bool((out == 7).all())
+    monkeypatch.setattr(lg, "_TUNING", True)
+    lg._split_k_hook(nargs)
+    torch.testing.assert_close(out, want_out)
 
 
 def _tiny_packed(recipe, tmp_path):

@@ -217,6 +217,9 @@ WORDS_FMA_CONFIGS = (
 #: Batch 2–16 (tensor cores, one dot per digit plane: the batch is the dot's N = 16; BLOCK_N ≥ 64 gives
 #: Hopper's warpgroup MMA).
 WORDS_DOT_CONFIGS = (
+    (16, 32, 1, 2, 1),  # few rows per program, no split-K: enough programs at N = 2048 without the split-K pass
+    (32, 32, 1, 2, 1),
+    (32, 16, 1, 4, 1),
     (64, 16, 1, 4, 1),
     (64, 32, 1, 4, 1),
     (128, 16, 1, 8, 1),
@@ -429,6 +432,22 @@ def _gemv_words_kernel(
 _JIT_FUNCTIONS = ("_to_float", "_k_slice", "_epilogue", "_lowbit_gemv_kernel", "_digit", "_plane", "_gemv_words_kernel")
 
 
+def _split_k_hook(nargs: dict) -> None:
+    """Pre-hook of the autotuned split-K configurations (SPLIT_K > 1): zero the atomic workspace — and while
+    configurations are being timed (``_TUNING``), also run the pass the launcher adds after a split-K kernel
+    (partials → output), so that the autotuner compares what a call costs in all, not the kernel alone (timed
+    alone, split-K configurations looked ≈ 2 µs cheaper than they are: the memset and the conversion are two
+    more kernels per call)."""
+    ws, out = nargs["ws_ptr"], nargs["out_ptr"]
+    if nargs["ATOMIC"]:
+        ws.zero_()
+    if _TUNING:
+        y = ws if nargs["ATOMIC"] else ws[: nargs["SPLIT_K"]].sum(0)
+        if nargs["HAS_BIAS"]:
+            y = y + nargs["bias_ptr"].float()
+        out.copy_(y.view(out.shape))
+
+
 def _graph_bench(kernel_call, quantiles):
     """The autotuner's timing: each configuration replayed as a CUDA graph (timed launch by launch, a µs-scale
     kernel measures its launch; what triton.autotune's deprecated ``use_cuda_graph=True`` did)."""
@@ -447,20 +466,21 @@ class _Kernels:
     def tuned(self, kb_div: int) -> object:
         """The kernel autotuned over GPU_CONFIGS, BLOCK_K codes → BLOCK_KB = BLOCK_K / kb_div bytes."""
         configs = [self.triton.Config({"BLOCK_N": bn, "BLOCK_KB": max(16, bk // kb_div), "SPLIT_K": sk},
-                                      num_warps=w, num_stages=st)
+                                      num_warps=w, num_stages=st, pre_hook=_split_k_hook if sk > 1 else None)
                    for bn, bk, sk, w, st in GPU_CONFIGS]
         key = ["B", "N", "K", "GROUP", "BITS", "BASE3", "GROUPED", "HAS_BIAS", "USE_DOT", "ATOMIC"]
-        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], do_bench=_graph_bench)
+        tune = self.triton.autotune(configs=configs, key=key, do_bench=_graph_bench)
         return tune(self.kernel)
 
     @functools.cache  # noqa: B019
     def tuned_words(self, use_dot: bool) -> object:
         """The word kernel autotuned over WORDS_DOT_CONFIGS (batch > 1) or WORDS_FMA_CONFIGS (batch 1)."""
         table = WORDS_DOT_CONFIGS if use_dot else WORDS_FMA_CONFIGS
-        configs = [self.triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+        configs = [self.triton.Config({"BLOCK_N": bn, "BLOCK_W": bw, "SPLIT_K": sk}, num_warps=w, num_stages=st,
+                                      pre_hook=_split_k_hook if sk > 1 else None)
                    for bn, bw, sk, w, st in table]
         key = ["B", "N", "K", "BITS", "HAS_BIAS", "USE_DOT", "ATOMIC"]
-        tune = self.triton.autotune(configs=configs, key=key, reset_to_zero=["ws_ptr"], do_bench=_graph_bench)
+        tune = self.triton.autotune(configs=configs, key=key, do_bench=_graph_bench)
         return tune(self.words)
 
 
@@ -482,17 +502,20 @@ def _kernels(interpret: bool) -> _Kernels:
 #: SPLIT_K of the autotuner's choice per launch signature, recorded after the first autotuned launch (the
 #: autotuner keeps its choice for the process): a signature tuned to SPLIT_K = 1 gets no zeroed workspace.
 _TUNED_SPLIT: dict[tuple, int] = {}
+#: True during an autotuned launch whose signature has not been tuned yet (see :func:`_split_k_hook`).
+_TUNING = False
 
 
-def _workspace(b: int, n: int, atomic: bool, device: torch.device, split: int | None) -> torch.Tensor:
+def _workspace(b: int, n: int, atomic: bool, device: torch.device, split: int | None, zero: bool) -> torch.Tensor:
     """The split-K partial sums' buffer: none (a 1-element placeholder) when the launch is known to run SPLIT_K = 1
     — the kernel then writes the output itself, and the zeroing memset is one kernel fewer per call, which counts
-    at decode sizes (~20 µs calls); zeroed (b, n) for atomic adds; one (b, n) slice per split otherwise
+    at decode sizes (~20 µs calls); (b, n) for atomic adds, zeroed here when ``zero`` (an explicit configuration;
+    the autotuned split-K configurations zero it in their pre-hook); one (b, n) slice per split otherwise
     (deterministic: summed in a fixed order). ``split`` None: not known before the autotuner runs."""
     if split == 1:
         return torch.empty(1, device=device, dtype=torch.float32)
     if atomic:
-        return torch.zeros((b, n), device=device, dtype=torch.float32)
+        return (torch.zeros if zero else torch.empty)((b, n), device=device, dtype=torch.float32)
     return torch.empty((SPLIT_MAX, b, n), device=device, dtype=torch.float32)
 
 
@@ -543,7 +566,8 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
     else:
         cfg = launch_config(config, interpret, INTERPRET_CONFIG, DEFAULT_GPU_CONFIG)
     sig = (words is not None, b, n, k, groups, storage, bias is not None, use_dot, atomic, x.dtype, x.device)
-    ws = _workspace(b, n, atomic, x.device, cfg["SPLIT_K"] if cfg is not None else _TUNED_SPLIT.get(sig))
+    ws = _workspace(b, n, atomic, x.device, cfg["SPLIT_K"] if cfg is not None else _TUNED_SPLIT.get(sig),
+                    zero=cfg is not None)
     bias_arg = bias if bias is not None else s
     block_b = BLOCK_B if use_dot else 1
     nb = -(-b // block_b)
@@ -568,7 +592,12 @@ def _lowbit_gemv_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
         def grid(meta: dict) -> tuple[int, int, int]:
             return (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"], nb)
 
-        tuned[grid](*args, **flags)
+        global _TUNING
+        _TUNING = sig not in _TUNED_SPLIT
+        try:
+            tuned[grid](*args, **flags)
+        finally:
+            _TUNING = False
         split = _TUNED_SPLIT[sig] = tuned.best_config.kwargs["SPLIT_K"]
     else:
         nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
