@@ -121,10 +121,9 @@ def fuse_projections(model: nn.Module) -> int:
     names): fuse after loading, never before saving. Returns how many fused layers were made."""
     from lowbit.nn.fuse import concat_linears
 
+    groups = {Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")), MLP: ("gate_up_proj", ("gate_proj", "up_proj"))}
     made = 0
-    for mod in model.modules():
-        groups = {Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-                  MLP: ("gate_up_proj", ("gate_proj", "up_proj"))}
+    for mod in list(model.modules()):
         if type(mod) not in groups:
             continue
         fused_name, names = groups[type(mod)]
